@@ -1,0 +1,54 @@
+"""The one place vLLM is patched: applied by the plugin entry point, idempotent, reversible in what it reports."""
+
+import importlib.metadata
+import sys
+
+from vispec_vllm.model_names import VISPEC_ARCHITECTURES
+
+
+def test_entry_point_is_declared():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert "vispec_vllm:register" in [ep.value for ep in eps]
+
+
+def test_register_is_idempotent_and_swaps_the_proposer():
+    import vllm.v1.spec_decode.eagle as eagle_module
+    from vllm import ModelRegistry
+    from vllm.config import VllmConfig
+
+    import vispec_vllm
+    from vispec_vllm.engine.proposer import ViSpecProposer
+
+    vispec_vllm.register()
+    first_v2_check = VllmConfig._get_v2_model_runner_unsupported_features
+    vispec_vllm.register()
+    assert VllmConfig._get_v2_model_runner_unsupported_features is first_v2_check  # not wrapped twice
+    assert eagle_module.EagleProposer is ViSpecProposer
+    runner = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    if runner is not None:
+        assert runner.EagleProposer is ViSpecProposer
+    supported = ModelRegistry.get_supported_archs()
+    for arch in VISPEC_ARCHITECTURES:
+        assert arch in supported
+
+
+def test_v2_runner_check_reports_only_vispec_drafts():
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig
+
+    import vispec_vllm
+    from vispec_vllm.engine.patches import V2_REASON
+
+    vispec_vllm.register()
+    check = VllmConfig._get_v2_model_runner_unsupported_features
+
+    def fake_config(architectures):
+        draft = SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures))
+        spec = SimpleNamespace(draft_model_config=draft, method="eagle", parallel_drafting=False,
+                               use_heterogeneous_vocab=False)
+        parallel = SimpleNamespace(distributed_executor_backend="mp", pipeline_parallel_size=1, use_ubatching=False)
+        return SimpleNamespace(speculative_config=spec, parallel_config=parallel)
+
+    assert V2_REASON in check(fake_config(["EagleQwen2_5_VLForConditionalGeneration"]))
+    assert V2_REASON not in check(fake_config(["EagleLlamaForCausalLM"]))

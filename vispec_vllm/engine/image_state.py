@@ -1,0 +1,174 @@
+"""Per-request image state for the ViSpec proposer.
+
+vLLM hands the drafter only the slice of an image that falls in the current step, and nothing at decode
+steps; ViSpec needs each image's *whole* embedding once (for `num_q-1` compressed tokens and the global
+feature `g`) and `g` for every later token. So each request gets a `RequestImages` object, keyed by request
+id, holding its image spans and, once the image's encoder output has been seen, the adaptor output.
+Adaptor outputs are also kept per image identifier (vLLM's encoder-cache key) in a bounded LRU, because an
+image inside a prefix-cache hit is never re-encoded.
+
+Slot convention (vLLM's EAGLE shift): draft slot p pairs (h_p, x_{p+1}). An image whose placeholder tokens
+occupy [offset, offset + length) therefore owns slots [offset - 1, offset + length - 2].
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+IMAGE_MODALITIES = ("image", "video")
+
+
+@dataclass
+class ImageSpan:
+    identifier: str  # vLLM encoder-cache key of this item
+    first_slot: int  # offset - 1
+    last_slot: int  # offset + length - 2
+    adaptor_output: torch.Tensor | None = None  # [num_q, H]: compressed tokens then g
+
+
+@dataclass
+class RequestImages:
+    req_id: str
+    spans: list[ImageSpan] = field(default_factory=list)
+
+    @property
+    def pending(self) -> list[ImageSpan]:
+        return [s for s in self.spans if s.adaptor_output is None]
+
+
+@dataclass
+class BatchImageTables:
+    """Padded per-row image tables for one drafter batch (B rows, M = max images in a row, >= 1)."""
+
+    first_slot: torch.Tensor  # [B, M] int64 (padding: a huge value, so no slot falls in it)
+    last_slot: torch.Tensor  # [B, M] int64
+    adaptor_output: torch.Tensor  # [B, M, num_q, H] (zeros where unknown)
+    num_q: int
+
+    @property
+    def dropped_ranges(self) -> torch.Tensor:
+        """[B, M, 2] half-open slot spans the draft never attends to: all image slots but the last num_q-1."""
+        end = self.last_slot - (self.num_q - 1) + 1
+        return torch.stack([self.first_slot, torch.maximum(end, self.first_slot)], dim=-1)
+
+
+_PAD_SLOT = 2**62
+
+
+def spans_from_mm_features(req_id: str, mm_features: Iterable) -> RequestImages:
+    """Image spans of a request from vLLM's `CachedRequestState.mm_features`, in prompt order."""
+    spans = []
+    for feature in mm_features:
+        if feature.modality not in IMAGE_MODALITIES:
+            continue
+        pos = feature.mm_position
+        if pos.is_embed is not None and not bool(pos.is_embed.all()):
+            raise NotImplementedError(
+                f"request {req_id}: image placeholders with non-embedding tokens (is_embed) are not supported"
+            )
+        spans.append(ImageSpan(feature.identifier, pos.offset - 1, pos.offset + pos.length - 2))
+    spans.sort(key=lambda s: s.first_slot)
+    return RequestImages(req_id, spans)
+
+
+class AdaptorOutputCache:
+    """Bounded LRU of adaptor outputs by image identifier ([num_q, H] each: a few KB)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, identifier: str) -> torch.Tensor | None:
+        value = self._entries.get(identifier)
+        if value is not None:
+            self._entries.move_to_end(identifier)
+        return value
+
+    def put(self, identifier: str, value: torch.Tensor) -> None:
+        self._entries[identifier] = value
+        self._entries.move_to_end(identifier)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ImageStateStore:
+    """All requests' image state, plus the padded tables for the current batch."""
+
+    def __init__(
+        self,
+        num_q: int,
+        hidden_size: int,
+        adapt: Callable[[torch.Tensor], torch.Tensor],  # [N, H] image embedding -> [num_q, H]
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_capacity: int = 16384,
+    ) -> None:
+        self.num_q = num_q
+        self.hidden_size = hidden_size
+        self.adapt = adapt
+        self.device = device
+        self.dtype = dtype
+        self.requests: dict[str, RequestImages] = {}
+        self.adaptor_cache = AdaptorOutputCache(cache_capacity)
+        self._tables_key: tuple[tuple[str, ...], int] | None = None
+        self._tables: BatchImageTables | None = None
+        self._version = 0
+
+    def update(
+        self,
+        req_ids: Sequence[str],
+        live_requests: Mapping,  # runner.requests: req_id -> CachedRequestState
+        encoder_outputs: Mapping[str, torch.Tensor],  # runner.encoder_cache
+    ) -> None:
+        """Track new requests, forget finished ones, adapt images whose embedding is now available."""
+        for req_id in self.requests.keys() - live_requests.keys():
+            del self.requests[req_id]
+            self._version += 1
+        for req_id in req_ids:
+            state = self.requests.get(req_id)
+            if state is None:
+                state = spans_from_mm_features(req_id, live_requests[req_id].mm_features)
+                self.requests[req_id] = state
+                self._version += 1
+            for span in state.pending:
+                self._resolve(span, encoder_outputs)
+
+    def _resolve(self, span: ImageSpan, encoder_outputs: Mapping[str, torch.Tensor]) -> None:
+        cached = self.adaptor_cache.get(span.identifier)
+        if cached is None:
+            embedding = encoder_outputs.get(span.identifier)
+            if embedding is None:
+                return
+            cached = self.adapt(embedding.to(self.device, self.dtype))
+            self.adaptor_cache.put(span.identifier, cached)
+        span.adaptor_output = cached
+        self._version += 1
+
+    def tables(self, req_ids: Sequence[str]) -> BatchImageTables:
+        """Padded tables for the batch rows `req_ids`; rebuilt only when the batch or any state changed."""
+        key = (tuple(req_ids), self._version)
+        if key != self._tables_key or self._tables is None:
+            self._tables = self._build_tables(req_ids)
+            self._tables_key = key
+        return self._tables
+
+    def _build_tables(self, req_ids: Sequence[str]) -> BatchImageTables:
+        rows = [self.requests[r].spans for r in req_ids]
+        width = max([len(spans) for spans in rows] + [1])
+        first = torch.full((len(rows), width), _PAD_SLOT, dtype=torch.int64)
+        last = torch.full((len(rows), width), _PAD_SLOT, dtype=torch.int64)
+        adaptor = torch.zeros(len(rows), width, self.num_q, self.hidden_size, dtype=self.dtype, device=self.device)
+        for b, spans in enumerate(rows):
+            for m, span in enumerate(spans):
+                first[b, m] = span.first_slot
+                last[b, m] = span.last_slot
+                if span.adaptor_output is not None:
+                    adaptor[b, m] = span.adaptor_output
+        return BatchImageTables(first.to(self.device), last.to(self.device), adaptor, self.num_q)

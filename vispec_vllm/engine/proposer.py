@@ -1,0 +1,214 @@
+"""`ViSpecProposer`: vLLM's V1 EAGLE proposer, driving a ViSpec draft.
+
+Installed in place of `EagleProposer` by `vispec_vllm.engine.patches`. For any draft that is not a ViSpec
+draft it is exactly the stock proposer. For a ViSpec draft it replaces `propose` with the chain below, which
+reuses vLLM's sampling and metadata but builds the draft inputs itself:
+
+1. EAGLE shift: slot p pairs the target hidden state h_p with the next token x_{p+1}.
+2. Positions are the raw token index (the draft was trained with 1-D RoPE, even on M-RoPE targets; vLLM
+   would hand it the temporal M-RoPE index, which lags the token index after an image: vllm#54498).
+3. Image inputs come from per-request state (`ImageStateStore`): compressed tokens at the last num_q-1
+   slots of each image, the global feature g for later slots, and dropped image slots hidden from attention.
+4. Draft KV lives in the target's slots (same block table); `PagedBatch` says where.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.spec_decode.eagle import EagleProposer
+
+from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
+from vispec_vllm.engine.paged_attention import PagedBatch
+from vispec_vllm.engine.step_inputs import ViSpecStepInputs, token_image_inputs
+from vispec_vllm.engine.validation import check_draft_against_target
+from vispec_vllm.model_names import is_vispec_architecture
+
+logger = init_logger(__name__)
+
+
+class ViSpecProposer(EagleProposer):
+    def __init__(self, vllm_config, device: torch.device, runner=None) -> None:
+        super().__init__(vllm_config, device, runner)
+        architectures = self.draft_model_config.hf_config.architectures or []
+        self.is_vispec = any(is_vispec_architecture(a) for a in architectures)
+        if not self.is_vispec:
+            return
+        self.runner = runner
+        if self.uses_mrope:  # the draft config names an M-RoPE target; the draft itself uses 1-D RoPE
+            self.uses_mrope = False
+            self.positions = torch.zeros(self.max_positions, dtype=torch.int64, device=device)
+        self.image_states: ImageStateStore | None = None
+        self.recorder = None  # optional `ProposalRecorder` (tests): sees every draft forward's inputs and outputs
+
+    # ------------------------------------------------------------------ set-up
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        super().load_model(target_model)
+        if not self.is_vispec:
+            return
+        # ViSpec reads whole images from the runner's encoder cache; per-step slices are not needed.
+        self.supports_mm_inputs = False
+        check_draft_against_target(self.model, target_model, self.vllm_config)
+        if self.model.num_q is not None:
+            self.image_states = ImageStateStore(
+                num_q=self.model.num_q,
+                hidden_size=self.hidden_size,
+                adapt=self.model.adapt_image,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        logger.info(
+            "ViSpec draft loaded: num_q=%s (%s), 1-D RoPE over raw token positions",
+            self.model.num_q,
+            "vision-aware" if self.model.num_q else "stage-1 text EAGLE: images are not compressed",
+        )
+
+    # ------------------------------------------------------------------ next token after a partial prefill
+    def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch, discard_request_mask):
+        next_token_ids, valid_count = super().prepare_next_token_ids_padded(
+            sampled_token_ids, requests, gpu_input_batch, discard_request_mask
+        )
+        if not self.is_vispec:
+            return next_token_ids, valid_count
+        # vLLM 0.32 uses the *last prompt token* as the next token of a partial-prefill chunk; the draft slot at
+        # the end of the chunk pairs with the token right after the chunk.
+        num_reqs = gpu_input_batch.num_reqs
+        chunk_end = (
+            gpu_input_batch.num_computed_tokens_cpu[:num_reqs] + self.runner.num_scheduled_tokens.np[:num_reqs]
+        )
+        last_known = gpu_input_batch.num_tokens_no_spec[:num_reqs] - 1
+        rows = range(num_reqs)
+        following = gpu_input_batch.token_ids_cpu[rows, chunk_end.clip(max=last_known)]
+        following = torch.from_numpy(following.astype("int32")).to(next_token_ids.device)
+        return torch.where(discard_request_mask[:num_reqs], following, next_token_ids), valid_count
+
+    # ------------------------------------------------------------------ drafting
+    def propose(
+        self,
+        num_speculative_tokens: int,
+        target_token_ids: torch.Tensor,  # [T]
+        target_positions: torch.Tensor,  # [T] or [3, T] (M-RoPE); unused: raw positions come from seq_lens
+        target_hidden_states: torch.Tensor,  # [T, H]
+        next_token_ids: torch.Tensor,  # [B]
+        token_indices_to_sample: torch.Tensor | None,  # [B]
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs: Any = None,
+        num_rejected_tokens_gpu: torch.Tensor | None = None,  # [B]
+        slot_mappings: Any = None,
+    ) -> torch.Tensor:
+        if not self.is_vispec:
+            return super().propose(
+                num_speculative_tokens,
+                target_token_ids,
+                target_positions,
+                target_hidden_states,
+                next_token_ids,
+                token_indices_to_sample,
+                common_attn_metadata,
+                sampling_metadata,
+                mm_embed_inputs,
+                num_rejected_tokens_gpu,
+                slot_mappings,
+            )
+        self.num_speculative_tokens = num_speculative_tokens
+        self._last_draft_probs = None
+        cad = common_attn_metadata
+        num_rows = cad.num_reqs
+        device = target_hidden_states.device
+        qsl = cad.query_start_loc[: num_rows + 1].long()
+        if token_indices_to_sample is None:
+            token_indices_to_sample = qsl[1:] - 1
+        sample_index = token_indices_to_sample.long()
+        num_tokens = target_token_ids.shape[0]
+
+        # 1. EAGLE shift: [a0 a1 a2 | b0 b1] -> [a1 a2 next_a | b1 next_b]
+        input_ids = torch.empty_like(target_token_ids)
+        input_ids[:-1] = target_token_ids[1:]
+        input_ids[sample_index] = next_token_ids.to(input_ids.dtype)
+
+        # 2. raw token positions: the query of row b ends at seq_len[b]
+        rows = torch.arange(num_rows, device=device)
+        query_lens = qsl[1:] - qsl[:-1]
+        row_of_token = torch.repeat_interleave(rows, query_lens, output_size=num_tokens)
+        seq_lens = cad.seq_lens[:num_rows].long()
+        positions = (seq_lens - query_lens)[row_of_token] + torch.arange(num_tokens, device=device) - qsl[row_of_token]
+
+        req_ids = self.runner.input_batch.req_ids[:num_rows]
+        if self.recorder is not None:
+            valid_len = query_lens if num_rejected_tokens_gpu is None else query_lens - num_rejected_tokens_gpu.long()
+            self.recorder.record_inputs(req_ids, row_of_token, positions, input_ids, target_hidden_states, valid_len)
+        tables = self._image_tables(req_ids)
+        block_table = cad.block_table_tensor[:num_rows]
+        batch = PagedBatch(
+            query_start_loc=qsl,
+            query_positions=positions,
+            seq_lens=seq_lens,
+            block_table=block_table,
+            slot_mapping=cad.slot_mapping[:num_tokens].long(),
+            block_size=self.block_size,
+            max_query_len=int(cad.max_query_len),
+            max_seq_len=int(cad.max_seq_len),
+            dropped_ranges=self._dropped_ranges(tables, num_rows, device),
+        )
+        last_hidden, hidden = self._forward(input_ids, positions, target_hidden_states, batch, row_of_token, tables)
+        draft_ids, draft_probs = self._sample_draft_tokens(last_hidden[sample_index], sampling_metadata)
+        all_ids, all_probs = [draft_ids], [draft_probs]
+
+        # 3. chain: one more token per row per step, fed the draft's own hidden state
+        positions = positions[sample_index]
+        hidden = hidden[sample_index]
+        if num_rejected_tokens_gpu is not None:
+            seq_lens = seq_lens - num_rejected_tokens_gpu[:num_rows].long()
+        max_seq_len = int(cad.max_seq_len)
+        one_per_row = torch.arange(num_rows + 1, device=device)
+        for _ in range(num_speculative_tokens - 1):
+            positions = positions + 1
+            fits = positions < self.max_model_len
+            positions = torch.where(fits, positions, torch.zeros_like(positions))
+            slots = block_table[rows, positions // self.block_size].long() * self.block_size + (
+                positions % self.block_size
+            )
+            seq_lens = torch.where(fits, seq_lens + 1, torch.ones_like(seq_lens))
+            max_seq_len = min(max_seq_len + 1, self.max_model_len)
+            batch = PagedBatch(
+                query_start_loc=one_per_row,
+                query_positions=positions,
+                seq_lens=seq_lens,
+                block_table=block_table,
+                slot_mapping=torch.where(fits, slots, torch.full_like(slots, -1)),
+                block_size=self.block_size,
+                max_query_len=1,
+                max_seq_len=max_seq_len,
+                dropped_ranges=batch.dropped_ranges,
+            )
+            last_hidden, hidden = self._forward(all_ids[-1].to(input_ids.dtype), positions, hidden, batch, rows, tables)
+            draft_ids, draft_probs = self._sample_draft_tokens(last_hidden, sampling_metadata)
+            all_ids.append(draft_ids)
+            all_probs.append(draft_probs)
+
+        if all_probs[0] is not None:
+            self._last_draft_probs = torch.stack(all_probs, dim=1).contiguous()
+        drafts = torch.stack(all_ids, dim=1)  # [B, K]
+        if self.recorder is not None:
+            self.recorder.record_proposal(req_ids, drafts)
+        return drafts
+
+    def _forward(self, input_ids, positions, hidden_states, batch, row_of_token, tables):
+        images = None if tables is None else token_image_inputs(tables, row_of_token, positions)
+        step = ViSpecStepInputs(batch=batch, row_of_token=row_of_token, images=images)
+        return self.model(input_ids=input_ids, positions=positions, hidden_states=hidden_states, vispec_step=step)
+
+    def _image_tables(self, req_ids: list[str]) -> BatchImageTables | None:
+        if self.image_states is None:
+            return None
+        self.image_states.update(req_ids, self.runner.requests, self.runner.encoder_cache)
+        return self.image_states.tables(req_ids)
+
+    @staticmethod
+    def _dropped_ranges(tables: BatchImageTables | None, num_rows: int, device) -> torch.Tensor:
+        if tables is None:
+            return torch.zeros(num_rows, 1, 2, dtype=torch.int64, device=device)
+        return tables.dropped_ranges
