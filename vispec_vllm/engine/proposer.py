@@ -41,7 +41,7 @@ class ViSpecProposer(EagleProposer):
             self.uses_mrope = False
             self.positions = torch.zeros(self.max_positions, dtype=torch.int64, device=device)
         self.image_states: ImageStateStore | None = None
-        self.recorder = None  # optional `ProposalRecorder` (tests): sees every draft forward's inputs and outputs
+        self.recorder = None  # optional `ProposalRecorder` (tests): what each propose() got and drafted
 
     # ------------------------------------------------------------------ set-up
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -125,8 +125,8 @@ class ViSpecProposer(EagleProposer):
         num_tokens = target_token_ids.shape[0]
 
         # 1. EAGLE shift: [a0 a1 a2 | b0 b1] -> [a1 a2 next_a | b1 next_b]
-        input_ids = torch.empty_like(target_token_ids)
-        input_ids[:-1] = target_token_ids[1:]
+        # (rows padded with rejected tokens keep valid-but-unused ids after their sample index)
+        input_ids = torch.roll(target_token_ids, -1)
         input_ids[sample_index] = next_token_ids.to(input_ids.dtype)
 
         # 2. raw token positions: the query of row b ends at seq_len[b]
@@ -139,7 +139,9 @@ class ViSpecProposer(EagleProposer):
         req_ids = self.runner.input_batch.req_ids[:num_rows]
         if self.recorder is not None:
             valid_len = query_lens if num_rejected_tokens_gpu is None else query_lens - num_rejected_tokens_gpu.long()
-            self.recorder.record_inputs(req_ids, row_of_token, positions, input_ids, target_hidden_states, valid_len)
+            self.recorder.record_inputs(
+                req_ids, row_of_token, positions, input_ids, target_hidden_states, valid_len, self.runner.encoder_cache
+            )
         tables = self._image_tables(req_ids)
         block_table = cad.block_table_tensor[:num_rows]
         batch = PagedBatch(
