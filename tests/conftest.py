@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; note: overrides kv_cache_memory_bytes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines run in the test process: faster start, no orphaned workers, and tests can reach the live proposer.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 MODEL_CACHE = Path(
     os.environ.get("VISPEC_TEST_MODELS", Path(__file__).resolve().parent.parent / "artifacts" / "test-models")

@@ -75,9 +75,7 @@ class ViSpecProposer(EagleProposer):
         # vLLM 0.32 uses the *last prompt token* as the next token of a partial-prefill chunk; the draft slot at
         # the end of the chunk pairs with the token right after the chunk.
         num_reqs = gpu_input_batch.num_reqs
-        chunk_end = (
-            gpu_input_batch.num_computed_tokens_cpu[:num_reqs] + self.runner.num_scheduled_tokens.np[:num_reqs]
-        )
+        chunk_end = gpu_input_batch.num_computed_tokens_cpu[:num_reqs] + self.runner.num_scheduled_tokens.np[:num_reqs]
         last_known = gpu_input_batch.num_tokens_no_spec[:num_reqs] - 1
         rows = range(num_reqs)
         following = gpu_input_batch.token_ids_cpu[rows, chunk_end.clip(max=last_known)]
@@ -140,7 +138,14 @@ class ViSpecProposer(EagleProposer):
         if self.recorder is not None:
             valid_len = query_lens if num_rejected_tokens_gpu is None else query_lens - num_rejected_tokens_gpu.long()
             self.recorder.record_inputs(
-                req_ids, row_of_token, positions, input_ids, target_hidden_states, valid_len, self.runner.encoder_cache
+                req_ids,
+                row_of_token,
+                positions,
+                input_ids,
+                target_hidden_states,
+                valid_len,
+                self.runner.encoder_cache,
+                self.runner.requests,
             )
         tables = self._image_tables(req_ids)
         block_table = cad.block_table_tensor[:num_rows]

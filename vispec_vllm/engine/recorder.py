@@ -26,6 +26,9 @@ class ProposalRecorder:
     calls: list[ProposalCall] = field(default_factory=list)
     hidden_states: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # req -> position -> [H]
     image_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # encoder-cache key -> [N, H]
+    next_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # req -> position p -> x_{p+1}
+    image_spans: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)  # req -> (offset, length, key)
+    prompt_lengths: dict[str, int] = field(default_factory=dict)
 
     def record_inputs(
         self,
@@ -36,6 +39,7 @@ class ProposalRecorder:
         target_hidden_states: torch.Tensor,  # [T, H]
         valid_len: torch.Tensor,  # [B] tokens of each row that were not rejected
         encoder_outputs: Mapping[str, torch.Tensor],
+        live_requests: Mapping,
     ) -> None:
         rows = row_of_token.cpu()
         pos = positions.cpu()
@@ -48,8 +52,16 @@ class ProposalRecorder:
             call.positions[req_id] = pos[index].tolist()
             call.next_token_ids[req_id] = int(ids[index[-1]])
             per_position = self.hidden_states.setdefault(req_id, {})
+            following = self.next_tokens.setdefault(req_id, {})
             for i in index.tolist():
                 per_position[int(pos[i])] = hidden[i].clone()
+                following[int(pos[i])] = int(ids[i])
+            if req_id not in self.image_spans:
+                self.prompt_lengths[req_id] = live_requests[req_id].num_prompt_tokens
+                self.image_spans[req_id] = [
+                    (f.mm_position.offset, f.mm_position.length, f.identifier)
+                    for f in live_requests[req_id].mm_features
+                ]
         self.calls.append(call)
         for key, value in encoder_outputs.items():
             if key not in self.image_embeddings:

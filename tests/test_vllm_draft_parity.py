@@ -1,0 +1,115 @@
+"""Inside vLLM, the ViSpec draft proposes exactly what the reference `ViSpecDraft` proposes when fed the same
+target hidden states and image embeddings: at prefill and decode, after one and two images, after a
+prefix-cache hit, and with chunked prefill. This is what proves the vision path is really used."""
+
+import copy
+
+import pytest
+import torch
+from conftest import vllm_engine
+from parity import _is_dropped_slot, compare, drafter_of, load_oracle
+
+from vispec_vllm.engine.recorder import ProposalRecorder
+from vispec_vllm.factory import make_test_image, target_info
+from vispec_vllm.media import image_part
+
+pytestmark = pytest.mark.vllm
+
+LONG_QUESTION = "Describe the picture in detail: the shapes, the colours, what they might be, and the story behind them. " * 3
+# Long enough that, with 32-token blocks, the image lies wholly inside the cached prefix of a repeat.
+ONE_IMAGE = [{"role": "user", "content": [image_part(make_test_image(1)), {"type": "text", "text": LONG_QUESTION}]}]
+TWO_IMAGES = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Compare"},
+            image_part(make_test_image(2)),
+            {"type": "text", "text": "with this other picture, please"},
+            image_part(make_test_image(3)),
+            {"type": "text", "text": "now."},
+        ],
+    }
+]
+TEXT_ONLY = [{"role": "user", "content": "Tell me a story about a cat and a dog."}]
+
+
+def record(target, draft, **engine_kwargs):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with vllm_engine(
+        model=str(target),
+        limit_mm_per_prompt={"image": 2},
+        block_size=32,
+        speculative_config={"method": "eagle", "model": str(draft), "num_speculative_tokens": 3},
+        **engine_kwargs,
+    ) as llm:
+        recorder = ProposalRecorder()
+        drafter_of(llm).recorder = recorder
+        llm.chat([ONE_IMAGE, TWO_IMAGES, TEXT_ONLY], params, use_tqdm=False)
+        llm.chat([ONE_IMAGE], params, use_tqdm=False)  # same prompt again: a prefix-cache hit
+    return recorder
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_target, tiny_draft):
+    return tiny_target("qwen2_5_vl"), tiny_draft("qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def recorded(qwen):
+    target, draft = qwen
+    return record(target, draft)
+
+
+def test_drafts_equal_reference_at_prefill_decode_images_and_cache_hit(qwen, recorded):
+    target, draft = qwen
+    report = compare(recorded, load_oracle(draft, target), target_info(target).image_token_id)
+    assert report.mismatched == []
+    assert report.compared >= 4 * 8 // 2  # prefill + >= 3 decode rounds for each of the 4 requests
+    assert report.with_images >= 3 * 4
+    first_position = {}
+    for call in recorded.calls:
+        for req_id in call.req_ids:
+            first_position.setdefault(req_id, call.positions[req_id][0])
+    one_image_key = recorded.image_spans[recorded.calls[0].req_ids[0]][0]
+    repeat = [r for r, spans in recorded.image_spans.items() if spans and spans[0] == one_image_key][-1]
+    offset, length, _ = one_image_key
+    assert first_position[repeat] > offset + length, "the repeat's image should lie inside its prefix-cache hit"
+
+
+def test_changing_the_adaptor_changes_the_reference_on_image_rows_only(qwen, recorded):
+    target, draft = qwen
+    oracle = load_oracle(draft, target)
+    changed = copy.deepcopy(oracle)
+    with torch.no_grad():
+        changed.imadpt.o_proj.weight.mul_(-3.0)
+    image_id = target_info(target).image_token_id
+    report = compare(recorded, changed, image_id)
+    assert len(report.mismatched) > 0
+    text_only = ProposalRecorder(
+        calls=[c for c in recorded.calls if any(not recorded.image_spans[r] for r in c.drafts)],
+        hidden_states=recorded.hidden_states,
+        image_embeddings=recorded.image_embeddings,
+        next_tokens=recorded.next_tokens,
+        image_spans=recorded.image_spans,
+    )
+    for call in text_only.calls:
+        call.drafts = {r: d for r, d in call.drafts.items() if not recorded.image_spans[r]}
+    assert compare(text_only, changed, image_id).mismatched == []
+
+
+def test_chunked_prefill_drafts_equal_reference(qwen):
+    target, draft = qwen
+    recorder = record(target, draft, max_num_batched_tokens=32)
+    report = compare(recorder, load_oracle(draft, target), target_info(target).image_token_id, skip_dropped=True)
+    partial_prefill_text_ends = [
+        (call, r)
+        for call in recorder.calls
+        for r in call.drafts
+        if call.positions[r][-1] + 1 < recorder.prompt_lengths[r]
+        and not _is_dropped_slot(recorder.image_spans[r], call.positions[r][-1], 2)
+    ]
+    assert partial_prefill_text_ends, "max_num_batched_tokens=32 must end some prefill chunks at text slots"
+    assert report.mismatched == []
+    assert report.compared > 0
