@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from vispec_vllm.engine.paged_attention import PagedBatch, TorchGatherAttention, key_visibility
+from vispec_vllm.kernels.paged_attention import PagedBatch, TorchGatherAttention, key_visibility
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8

@@ -24,8 +24,8 @@ from vispec_vllm.draft.checkpoint import validate_state_dict
 from vispec_vllm.draft.config import ViSpecConfig
 from vispec_vllm.draft.layers import apply_rotary, rotary_cos_sin
 from vispec_vllm.draft.model import ViSpecDraft, identity_img_fc_
-from vispec_vllm.engine.paged_attention import DraftAttentionBackend, TorchGatherAttention
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs
+from vispec_vllm.kernels.paged_attention import DraftAttentionBackend, TorchGatherAttention
 
 
 class ViSpecDraftForVLLM(nn.Module):

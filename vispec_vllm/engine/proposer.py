@@ -21,9 +21,9 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
-from vispec_vllm.engine.paged_attention import PagedBatch
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs, token_image_inputs
 from vispec_vllm.engine.validation import check_draft_against_target
+from vispec_vllm.kernels.paged_attention import PagedBatch
 from vispec_vllm.model_names import is_vispec_architecture
 
 logger = init_logger(__name__)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vispec_vllm.engine.image_state import BatchImageTables
-from vispec_vllm.engine.paged_attention import PagedBatch
+from vispec_vllm.kernels.paged_attention import PagedBatch
 
 
 @dataclass
