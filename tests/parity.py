@@ -50,9 +50,9 @@ def compare(
             image_mask = next_ids == image_token_id
             for offset, length, key in recorder.image_spans[req_id]:
                 first, end = offset - 1, offset + length - 1  # slots [offset-1, offset+length-2]
-                lo = max(first, 0)
-                if lo < min(end, last + 1):
-                    embeds[lo : min(end, last + 1)] = recorder.image_embeddings[key][lo - first : min(end, last + 1) - first]
+                lo, hi = max(first, 0), min(end, last + 1)
+                if lo < hi:
+                    embeds[lo:hi] = recorder.image_embeddings[key][lo - first : hi - first]
             expected = oracle.propose_greedy(hidden[None], embeds[None], image_mask[None], None, len(drafts))
             compared += 1
             with_images += bool(image_mask.any())
@@ -62,14 +62,17 @@ def compare(
 
 
 def _is_dropped_slot(spans: list[tuple[int, int, str]], slot: int, num_q: int | None) -> bool:
-    return num_q is not None and any(offset - 1 <= slot <= offset + length - 2 - (num_q - 1) for offset, length, _ in spans)
+    if num_q is None:
+        return False
+    return any(offset - 1 <= slot <= offset + length - 1 - num_q for offset, length, _ in spans)
 
 
 def _sequence(recorder: ProposalRecorder, req_id: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states and next tokens of positions [0, length); positions a prefix-cache hit skipped come from
     an earlier request with the same images (the same prompt, in these tests)."""
     hidden, following = recorder.hidden_states[req_id], recorder.next_tokens[req_id]
-    twins = [r for r in recorder.hidden_states if r != req_id and recorder.image_spans[r] == recorder.image_spans[req_id]]
+    spans = recorder.image_spans[req_id]
+    twins = [r for r in recorder.hidden_states if r != req_id and recorder.image_spans[r] == spans]
     rows, ids = [], []
     for p in range(length):
         source = req_id if p in hidden else next(r for r in twins if p in recorder.hidden_states[r])

@@ -15,7 +15,7 @@ from vispec_vllm.media import image_part
 
 pytestmark = pytest.mark.vllm
 
-LONG_QUESTION = "Describe the picture in detail: the shapes, the colours, what they might be, and the story behind them. " * 3
+LONG_QUESTION = "Describe the picture in detail: the shapes, the colours, and the story behind them. " * 3
 # Long enough that, with 32-token blocks, the image lies wholly inside the cached prefix of a repeat.
 ONE_IMAGE = [{"role": "user", "content": [image_part(make_test_image(1)), {"type": "text", "text": LONG_QUESTION}]}]
 TWO_IMAGES = [
@@ -113,3 +113,44 @@ def test_chunked_prefill_drafts_equal_reference(qwen):
     assert partial_prefill_text_ends, "max_num_batched_tokens=32 must end some prefill chunks at text slots"
     assert report.mismatched == []
     assert report.compared > 0
+
+
+def test_changing_the_adaptor_inside_vllm_changes_image_proposals_only(qwen):
+    from vllm import SamplingParams
+
+    from vispec_vllm.engine.image_state import AdaptorOutputCache
+
+    target, draft = qwen
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    spec = {"method": "eagle", "model": str(draft), "num_speculative_tokens": 3}
+    with vllm_engine(model=str(target), limit_mm_per_prompt={"image": 2}, speculative_config=spec) as llm:
+        drafter = drafter_of(llm)
+
+        def drafts_by_prompt():
+            drafter.recorder = ProposalRecorder()
+            llm.chat([ONE_IMAGE, TEXT_ONLY], params, use_tqdm=False)
+            per_request: dict[str, list] = {}
+            for call in drafter.recorder.calls:
+                for req_id, tokens in call.drafts.items():
+                    per_request.setdefault(req_id.split("-")[0], []).append(tokens)
+            return per_request
+
+        before = drafts_by_prompt()
+        with torch.no_grad():
+            drafter.model.model.imadpt.o_proj.weight.mul_(-3.0)
+        drafter.image_states.adaptor_cache = AdaptorOutputCache(16)  # forget adaptor outputs of the old weights
+        llm.reset_prefix_cache()
+        after = drafts_by_prompt()
+    image_key, text_key = sorted(before)[0], sorted(before)[1]
+    image_after, text_after = sorted(after)[0], sorted(after)[1]
+    assert before[image_key] != after[image_after]
+    assert before[text_key] == after[text_after]
+
+
+def test_stage1_eagle_draft_equals_reference(tiny_target, tiny_draft):
+    """A stage-1 checkpoint (no adaptor) drafts from the target's vision features at image slots."""
+    target, draft = tiny_target("qwen2_5_vl"), tiny_draft("qwen2_5_vl", stage="eagle")
+    recorder = record(target, draft)
+    report = compare(recorder, load_oracle(draft, target), target_info(target).image_token_id)
+    assert report.mismatched == []
+    assert report.with_images > 0

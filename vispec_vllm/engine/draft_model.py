@@ -18,6 +18,7 @@ from torch import nn
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 
 from vispec_vllm.draft.adaptor import ImgAdaptor
 from vispec_vllm.draft.checkpoint import validate_state_dict
@@ -31,6 +32,9 @@ from vispec_vllm.kernels.paged_attention import DraftAttentionBackend, TorchGath
 class ViSpecDraftForVLLM(nn.Module):
     has_own_embed_tokens = False  # a frozen copy of the target's: vLLM shares the target's embedding
     has_own_lm_head = False
+    # Stage-1 (no adaptor) drafts take the target's vision features at image slots, as in training; ViSpec
+    # drafts compress whole images instead (the proposer then turns per-step embeddings off).
+    supports_multimodal_embeddings = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
@@ -64,7 +68,10 @@ class ViSpecDraftForVLLM(nn.Module):
 
     # ------------------------------------------------------------------ vLLM model contract
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, is_multimodal=None) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        embeds = self.model.embed_tokens(input_ids)
+        if multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
+            return embeds
+        return _merge_multimodal_embeddings(embeds, multimodal_embeddings, is_multimodal.to(embeds.device))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)

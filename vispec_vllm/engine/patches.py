@@ -11,6 +11,9 @@
    composite VLM configs (Qwen: the text keys move into `text_config`, so `vocab_size` is missing at the top,
    which EAGLEConfig needs; LLaVA: a default `text_config` with the wrong vocabulary sits next to the real
    flat keys). The flat draft config is rebuilt from the text config overlaid with the top-level keys.
+4. `EngineArgs.create_engine_config` checks a ViSpec draft against its target (`validation.check_vispec_config`)
+   once vLLM has built the config, in the main process: a bad pairing fails in seconds, as the last line of
+   `vllm serve` / `LLM(...)`, instead of inside the worker behind "Engine core initialization failed".
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def apply_patches() -> None:
     _swap_proposer()
     _report_vispec_to_v2_runner()
     _flatten_vispec_draft_configs()
+    _check_vispec_config_in_main_process()
 
 
 def _swap_proposer() -> None:
@@ -93,3 +97,22 @@ def _flatten_vispec_draft_configs() -> None:
     setattr(init, PATCH_MARK, True)
     init.__wrapped__ = original  # type: ignore[attr-defined]
     EAGLEConfig.__init__ = init
+
+
+def _check_vispec_config_in_main_process() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vispec_vllm.engine.validation import check_vispec_config
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, PATCH_MARK, False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        check_vispec_config(config)
+        return config
+
+    setattr(create_engine_config, PATCH_MARK, True)
+    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config

@@ -48,8 +48,10 @@ class ViSpecProposer(EagleProposer):
         super().load_model(target_model)
         if not self.is_vispec:
             return
-        # ViSpec reads whole images from the runner's encoder cache; per-step slices are not needed.
-        self.supports_mm_inputs = False
+        # ViSpec drafts read whole images from the runner's encoder cache; only stage-1 drafts take the
+        # per-step vision-feature slices (at image slots, as EAGLE was trained).
+        if self.model.num_q is not None:
+            self.supports_mm_inputs = False
         check_draft_against_target(self.model, target_model, self.vllm_config)
         if self.model.num_q is not None:
             self.image_states = ImageStateStore(
@@ -160,7 +162,13 @@ class ViSpecProposer(EagleProposer):
             max_seq_len=int(cad.max_seq_len),
             dropped_ranges=self._dropped_ranges(tables, num_rows, device),
         )
-        last_hidden, hidden = self._forward(input_ids, positions, target_hidden_states, batch, row_of_token, tables)
+        inputs_embeds = None
+        if mm_embed_inputs is not None and self.supports_mm_inputs:
+            mm_embeds, is_mm_embed = mm_embed_inputs
+            inputs_embeds = self.model.embed_input_ids(input_ids, mm_embeds, is_mm_embed[:num_tokens])
+        last_hidden, hidden = self._forward(
+            input_ids, positions, target_hidden_states, batch, row_of_token, tables, inputs_embeds
+        )
         draft_ids, draft_probs = self._sample_draft_tokens(last_hidden[sample_index], sampling_metadata)
         all_ids, all_probs = [draft_ids], [draft_probs]
 
@@ -203,10 +211,16 @@ class ViSpecProposer(EagleProposer):
             self.recorder.record_proposal(req_ids, drafts)
         return drafts
 
-    def _forward(self, input_ids, positions, hidden_states, batch, row_of_token, tables):
+    def _forward(self, input_ids, positions, hidden_states, batch, row_of_token, tables, inputs_embeds=None):
         images = None if tables is None else token_image_inputs(tables, row_of_token, positions)
         step = ViSpecStepInputs(batch=batch, row_of_token=row_of_token, images=images)
-        return self.model(input_ids=input_ids, positions=positions, hidden_states=hidden_states, vispec_step=step)
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            hidden_states=hidden_states,
+            inputs_embeds=inputs_embeds,
+            vispec_step=step,
+        )
 
     def _image_tables(self, req_ids: list[str]) -> BatchImageTables | None:
         if self.image_states is None:
