@@ -116,6 +116,7 @@ class ImageStateStore:
         self.device = device
         self.dtype = dtype
         self.requests: dict[str, RequestImages] = {}
+        self._pending: set[str] = set()  # requests with an image not yet adapted
         self.adaptor_cache = AdaptorOutputCache(cache_capacity)
         self._tables_key: tuple[tuple[str, ...], int] | None = None
         self._tables: BatchImageTables | None = None
@@ -127,18 +128,24 @@ class ImageStateStore:
         live_requests: Mapping,  # runner.requests: req_id -> CachedRequestState
         encoder_outputs: Mapping[str, torch.Tensor],  # runner.encoder_cache
     ) -> None:
-        """Track new requests, forget finished ones, adapt images whose embedding is now available."""
+        """Track new requests, forget finished ones, adapt images whose embedding is now available.
+
+        Set operations only: in steady decoding (no new request, no pending image) nothing loops in Python.
+        """
         for req_id in self.requests.keys() - live_requests.keys():
             del self.requests[req_id]
+            self._pending.discard(req_id)
             self._version += 1
-        for req_id in req_ids:
-            state = self.requests.get(req_id)
-            if state is None:
-                state = spans_from_mm_features(req_id, live_requests[req_id].mm_features)
-                self.requests[req_id] = state
-                self._version += 1
+        for req_id in set(req_ids) - self.requests.keys():
+            self.requests[req_id] = spans_from_mm_features(req_id, live_requests[req_id].mm_features)
+            self._pending.add(req_id)
+            self._version += 1
+        for req_id in list(self._pending):
+            state = self.requests[req_id]
             for span in state.pending:
                 self._resolve(span, encoder_outputs)
+            if not state.pending:
+                self._pending.discard(req_id)
 
     def _resolve(self, span: ImageSpan, encoder_outputs: Mapping[str, torch.Tensor]) -> None:
         cached = self.adaptor_cache.get(span.identifier)

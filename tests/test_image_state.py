@@ -1,0 +1,83 @@
+"""Per-request image state and per-token image inputs of the ViSpec proposer (no engine needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vispec_vllm.engine.image_state import ImageStateStore, spans_from_mm_features
+from vispec_vllm.engine.step_inputs import token_image_inputs
+
+H, NUM_Q = 4, 3
+
+
+def feature(identifier, offset, length, modality="image", is_embed=None):
+    position = SimpleNamespace(offset=offset, length=length, is_embed=is_embed)
+    return SimpleNamespace(identifier=identifier, modality=modality, mm_position=position)
+
+
+def request(*features):
+    return SimpleNamespace(mm_features=list(features))
+
+
+def adapt(embedding):  # [N, H] -> [num_q, H]: row k = mean + k, easy to recognise
+    return embedding.mean(0, keepdim=True) + torch.arange(NUM_Q, dtype=embedding.dtype)[:, None]
+
+
+def make_store():
+    return ImageStateStore(num_q=NUM_Q, hidden_size=H, adapt=adapt, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_spans_use_the_eagle_slot_shift_and_prompt_order():
+    state = spans_from_mm_features("r", [feature("b", 40, 10), feature("a", 5, 8), feature("x", 60, 3, "audio")])
+    assert [(s.identifier, s.first_slot, s.last_slot) for s in state.spans] == [("a", 4, 11), ("b", 39, 48)]
+
+
+def test_non_embedding_placeholders_are_refused():
+    with pytest.raises(NotImplementedError, match="is_embed"):
+        spans_from_mm_features("r", [feature("a", 5, 4, is_embed=torch.tensor([True, False, True, True]))])
+
+
+def test_images_adapt_once_are_cached_by_identifier_and_freed_with_the_request():
+    store = make_store()
+    live = {"r1": request(feature("img", 2, 6)), "r2": request(feature("img", 10, 6))}
+    store.update(["r1"], live, encoder_outputs={})
+    assert store.requests["r1"].spans[0].adaptor_output is None  # not encoded yet
+    store.update(["r1"], live, encoder_outputs={"img": torch.ones(6, H)})
+    first = store.requests["r1"].spans[0].adaptor_output
+    assert torch.equal(first, adapt(torch.ones(6, H)))
+    # r2 shows the same image inside a prefix-cache hit: never encoded, still adapted (from the cache)
+    store.update(["r1", "r2"], live, encoder_outputs={})
+    assert store.requests["r2"].spans[0].adaptor_output is first
+    del live["r1"]
+    store.update(["r2"], live, encoder_outputs={})
+    assert set(store.requests) == {"r2"}
+
+
+def test_token_inputs_place_compressed_tokens_and_global_features():
+    store = make_store()
+    live = {"a": request(feature("i1", 3, 5), feature("i2", 12, 4)), "b": request()}
+    outputs = {"i1": torch.full((5, H), 10.0), "i2": torch.full((4, H), 20.0)}
+    store.update(["a", "b"], live, outputs)
+    tables = store.tables(["a", "b"])
+    # image 1 owns slots [2, 6]: dropped [2, 4], compressed 5 (query 0) and 6 (query 1); g from slot 7 on
+    # image 2 owns slots [11, 14]: dropped [11, 12], compressed 13, 14; its g from slot 15 on
+    assert tables.dropped_ranges[0].tolist() == [[2, 5], [11, 13]]
+    positions = torch.tensor([0, 4, 5, 6, 7, 10, 13, 14, 15, 3])
+    rows = torch.tensor([0] * 9 + [1])
+    inputs = token_image_inputs(tables, rows, positions)
+    assert inputs.is_compressed.tolist() == [False, False, True, True, False, False, True, True, False, False]
+    compressed = inputs.compressed_token[:, 0].tolist()
+    assert compressed[2:4] == [10.0, 11.0] and compressed[6:8] == [20.0, 21.0]
+    g = inputs.global_feature[:, 0].tolist()
+    assert g == [0.0, 0.0, 0.0, 0.0, 12.0, 12.0, 12.0, 12.0, 22.0, 0.0]
+
+
+def test_tables_are_rebuilt_only_when_the_batch_or_state_changes():
+    store = make_store()
+    live = {"a": request(feature("i", 1, 4))}
+    store.update(["a"], live, {})
+    first = store.tables(["a"])
+    assert store.tables(["a"]) is first
+    store.update(["a"], live, {"i": torch.zeros(4, H)})
+    assert store.tables(["a"]) is not first
