@@ -14,9 +14,10 @@ pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 2048
 MAX_TOKENS = 12
-# Chunked-prefill token budget per family: small enough to split prompts, but it must hold one whole image
-# (vLLM 0.32 never schedules an image larger than the budget and spins forever).
-CHUNK_BUDGET = {"qwen2_5_vl": 96, "llava": 96, "llava_next": 384}
+# Chunked-prefill token budget per family: small enough to split the long prompts and the batch, but it must
+# hold every image of one request (three images here): with less, vLLM 0.32's scheduler was seen spinning
+# without scheduling anything (96 tokens for three 64-token LLaVA images).
+CHUNK_BUDGET = {"qwen2_5_vl": 224, "llava": 224, "llava_next": 1056}
 QUESTIONS = ("Describe the image.", "What is shown here?", "Tell a story about it.", "List the colours.")
 
 
