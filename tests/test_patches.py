@@ -15,14 +15,28 @@ def test_register_is_idempotent_and_swaps_the_proposer():
     import vllm.v1.spec_decode.eagle as eagle_module
     from vllm import ModelRegistry
     from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.transformers_utils.configs.eagle import EAGLEConfig
 
     import vispec_vllm
+    from vispec_vllm.engine.patches import PATCH_MARK
     from vispec_vllm.engine.proposer import ViSpecProposer
 
+    wrapped = [
+        (VllmConfig, "_get_v2_model_runner_unsupported_features"),
+        (EAGLEConfig, "__init__"),
+        (EngineArgs, "create_engine_config"),
+        (ImageMediaIO, "load_bytes"),
+    ]
     vispec_vllm.register()
-    first_v2_check = VllmConfig._get_v2_model_runner_unsupported_features
+    first = [getattr(owner, name) for owner, name in wrapped]
     vispec_vllm.register()
-    assert VllmConfig._get_v2_model_runner_unsupported_features is first_v2_check  # not wrapped twice
+    for (owner, name), before in zip(wrapped, first, strict=True):
+        after = getattr(owner, name)
+        assert after is before and getattr(after, PATCH_MARK)  # patched exactly once
+        assert not getattr(after.__wrapped__, PATCH_MARK, False)
+
     assert eagle_module.EagleProposer is ViSpecProposer
     runner = sys.modules.get("vllm.v1.worker.gpu_model_runner")
     if runner is not None:
@@ -45,8 +59,9 @@ def test_v2_runner_check_reports_only_vispec_drafts():
 
     def fake_config(architectures):
         draft = SimpleNamespace(hf_config=SimpleNamespace(architectures=architectures))
-        spec = SimpleNamespace(draft_model_config=draft, method="eagle", parallel_drafting=False,
-                               use_heterogeneous_vocab=False)
+        spec = SimpleNamespace(
+            draft_model_config=draft, method="eagle", parallel_drafting=False, use_heterogeneous_vocab=False
+        )
         parallel = SimpleNamespace(distributed_executor_backend="mp", pipeline_parallel_size=1, use_ubatching=False)
         return SimpleNamespace(speculative_config=spec, parallel_config=parallel)
 

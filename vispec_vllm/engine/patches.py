@@ -14,11 +14,16 @@
 4. `EngineArgs.create_engine_config` checks a ViSpec draft against its target (`validation.check_vispec_config`)
    once vLLM has built the config, in the main process: a bad pairing fails in seconds, as the last line of
    `vllm serve` / `LLM(...)`, instead of inside the worker behind "Engine core initialization failed".
+5. `ImageMediaIO.load_bytes` reports an image over Pillow's decompression-bomb limit (> 178,956,970 pixels,
+   read from the header) as a bad request (HTTP 400) instead of an internal error (500): vLLM checks
+   `VLLM_MAX_IMAGE_PIXELS` only after `Image.open`, which raises `DecompressionBombError` first.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 
 from vispec_vllm.compat import check_vllm_version
 from vispec_vllm.model_names import family_of, is_vispec_architecture
@@ -34,6 +39,7 @@ def apply_patches() -> None:
     _report_vispec_to_v2_runner()
     _flatten_vispec_draft_configs()
     _check_vispec_config_in_main_process()
+    _reject_decompression_bombs_as_bad_requests()
 
 
 def _swap_proposer() -> None:
@@ -48,25 +54,32 @@ def _swap_proposer() -> None:
             module.EagleProposer = ViSpecProposer
 
 
+def wrap_method(owner: type, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    """Replace `owner.name` with `make_wrapper(original)`, once: a wrapped method is marked and left alone."""
+    original = getattr(owner, name)
+    if getattr(original, PATCH_MARK, False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, PATCH_MARK, True)
+    setattr(owner, name, wrapper)
+
+
 def _report_vispec_to_v2_runner() -> None:
     from vllm.config import VllmConfig
 
-    original = VllmConfig._get_v2_model_runner_unsupported_features
-    if getattr(original, PATCH_MARK, False):
-        return
+    def make(original):
+        def unsupported_features(self: VllmConfig) -> list[str]:
+            features = original(self)
+            spec = self.speculative_config
+            draft = getattr(spec, "draft_model_config", None) if spec is not None else None
+            architectures = getattr(getattr(draft, "hf_config", None), "architectures", None) or []
+            if any(is_vispec_architecture(a) for a in architectures):
+                features.append(V2_REASON)
+            return features
 
-    def unsupported_features(self: VllmConfig) -> list[str]:
-        features = original(self)
-        spec = self.speculative_config
-        draft = getattr(spec, "draft_model_config", None) if spec is not None else None
-        architectures = getattr(getattr(draft, "hf_config", None), "architectures", None) or []
-        if any(is_vispec_architecture(a) for a in architectures):
-            features.append(V2_REASON)
-        return features
+        return unsupported_features
 
-    setattr(unsupported_features, PATCH_MARK, True)
-    unsupported_features.__wrapped__ = original  # type: ignore[attr-defined]
-    VllmConfig._get_v2_model_runner_unsupported_features = unsupported_features
+    wrap_method(VllmConfig, "_get_v2_model_runner_unsupported_features", make)
 
 
 def flat_draft_config(config):
@@ -85,18 +98,15 @@ def flat_draft_config(config):
 def _flatten_vispec_draft_configs() -> None:
     from vllm.transformers_utils.configs.eagle import EAGLEConfig
 
-    original = EAGLEConfig.__init__
-    if getattr(original, PATCH_MARK, False):
-        return
+    def make(original):
+        def init(self, model=None, *args, **kwargs):
+            if kwargs.get("method", "eagle") == "eagle" and model is not None and not isinstance(model, dict):
+                model = flat_draft_config(model)
+            original(self, model, *args, **kwargs)
 
-    def init(self, model=None, *args, **kwargs):
-        if kwargs.get("method", "eagle") == "eagle" and model is not None and not isinstance(model, dict):
-            model = flat_draft_config(model)
-        original(self, model, *args, **kwargs)
+        return init
 
-    setattr(init, PATCH_MARK, True)
-    init.__wrapped__ = original  # type: ignore[attr-defined]
-    EAGLEConfig.__init__ = init
+    wrap_method(EAGLEConfig, "__init__", make)
 
 
 def _check_vispec_config_in_main_process() -> None:
@@ -104,15 +114,28 @@ def _check_vispec_config_in_main_process() -> None:
 
     from vispec_vllm.engine.validation import check_vispec_config
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, PATCH_MARK, False):
-        return
+    def make(original):
+        def create_engine_config(self, *args, **kwargs):
+            config = original(self, *args, **kwargs)
+            check_vispec_config(config)
+            return config
 
-    def create_engine_config(self, *args, **kwargs):
-        config = original(self, *args, **kwargs)
-        check_vispec_config(config)
-        return config
+        return create_engine_config
 
-    setattr(create_engine_config, PATCH_MARK, True)
-    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config
+    wrap_method(EngineArgs, "create_engine_config", make)
+
+
+def _reject_decompression_bombs_as_bad_requests() -> None:
+    from PIL import Image
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    def make(original):
+        def load_bytes(self, data: bytes):
+            try:
+                return original(self, data)
+            except Image.DecompressionBombError as err:  # vLLM turns ValueError into HTTP 400
+                raise ValueError(f"Failed to load image: {err}") from None
+
+        return load_bytes
+
+    wrap_method(ImageMediaIO, "load_bytes", make)

@@ -26,7 +26,7 @@ from vispec_vllm.engine.validation import check_draft_against_target
 from vispec_vllm.kernels.paged_attention import PagedBatch
 from vispec_vllm.model_names import is_vispec_architecture
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger, so the lines show
 
 
 class ViSpecProposer(EagleProposer):
@@ -52,7 +52,7 @@ class ViSpecProposer(EagleProposer):
         # per-step vision-feature slices (at image slots, as EAGLE was trained).
         if self.model.num_q is not None:
             self.supports_mm_inputs = False
-        check_draft_against_target(self.model, target_model, self.vllm_config)
+        check_draft_against_target(self.model, self.vllm_config)
         if self.model.num_q is not None:
             self.image_states = ImageStateStore(
                 num_q=self.model.num_q,

@@ -43,8 +43,8 @@ def check_vispec_config(vllm_config) -> None:
     _check_pairing(config, _local_weights_are_vision_aware(draft_model_config.model), vllm_config)
 
 
-def check_draft_against_target(draft: torch.nn.Module, target: torch.nn.Module, vllm_config) -> None:
-    """Worker: the loaded `ViSpecDraftForVLLM` against the target (`target` is unused: configs say it all)."""
+def check_draft_against_target(draft: torch.nn.Module, vllm_config) -> None:
+    """Worker: the loaded `ViSpecDraftForVLLM` against the target's config."""
     _check_pairing(draft.vispec_config, draft.num_q is not None, vllm_config)
 
 
