@@ -93,10 +93,11 @@ def test_exported_draft_is_lossless_in_vllm_and_gets_drafts_accepted(tiny_run):
     from vispec_vllm.media import image_part
 
     questions = ("Describe the picture in detail.", "What is in this image?", "What is the scene?")
-    conversations = [
-        [{"role": "user", "content": [image_part(make_test_image(900 + i)), {"type": "text", "text": questions[i % 3]}]}]
-        for i in range(6)
-    ] + [[{"role": "user", "content": "Tell me about the old house."}]]
+    def ask(i: int) -> list[dict]:
+        content = [image_part(make_test_image(900 + i)), {"type": "text", "text": questions[i % 3]}]
+        return [{"role": "user", "content": content}]
+
+    conversations = [ask(i) for i in range(6)] + [[{"role": "user", "content": "Tell me about the old house."}]]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     common = dict(model=str(tiny_run.target), limit_mm_per_prompt={"image": 1})
     with vllm_engine(**common) as llm:
