@@ -62,18 +62,26 @@ def blocks_view(kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head
     return kv_cache.view(-1, 2, block_size, num_kv_heads, head_dim)
 
 
-def key_visibility(batch: PagedBatch, key_positions: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool: key p of row b exists (p < seq_len) and is not inside a dropped image span."""
-    exists = key_positions[None, :] < batch.seq_lens[:, None].to(torch.int64)
-    starts = batch.dropped_ranges[..., 0][:, None, :]  # [B, 1, M]
-    ends = batch.dropped_ranges[..., 1][:, None, :]
-    p = key_positions[None, :, None]
-    dropped = ((p >= starts) & (p < ends)).any(dim=-1)
-    return exists & ~dropped
+def visible_key_positions(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's visible key positions in order, [B, Lv] int64, and [B, Lv] bool `exists` (Lv = most visible
+    keys of any row; past a row's last visible key the position is 0, a written slot, and `exists` is False).
+
+    Dropped spans are skipped here, so no dropped key is ever read: compact index c of row b is raw position
+    c + the lengths of the row's dropped spans that start at or before it.
+    """
+    seq_lens = batch.seq_lens.long()[:, None]  # [B, 1]
+    starts = batch.dropped_ranges[..., 0].clamp(max=seq_lens)  # [B, M], sorted and disjoint
+    lengths = (batch.dropped_ranges[..., 1].clamp(max=seq_lens) - starts).clamp(min=0)
+    gap_at = starts - (lengths.cumsum(dim=1) - lengths)  # compact index at which each dropped span sits
+    visible_len = seq_lens[:, 0] - lengths.sum(dim=1)  # [B]
+    index = torch.arange(max(int(visible_len.max()), 1), device=seq_lens.device)  # [Lv] (one host sync)
+    positions = index + ((index[None, :, None] >= gap_at[:, None, :]) * lengths[:, None, :]).sum(dim=-1)
+    exists = index[None, :] < visible_len[:, None]
+    return torch.where(exists, positions, 0), exists
 
 
 class TorchGatherAttention:
-    """Writes the new K/V into the paged cache, gathers each request's keys and runs masked SDPA."""
+    """Writes the new K/V into the paged cache, gathers each request's visible keys and runs masked SDPA."""
 
     def __call__(
         self,
@@ -90,17 +98,16 @@ class TorchGatherAttention:
         cache = blocks_view(kv_cache, block_size, num_kv_heads, head_dim)
         self._write(cache, key, value, batch.slot_mapping, block_size)
 
+        # Gather whole [Hkv * D] rows with index_select: cache row (2 * block + k|v) * block_size + offset.
         num_rows = batch.seq_lens.shape[0]
         device = query.device
-        key_positions = torch.arange(batch.max_seq_len, device=device)
-        block_idx = batch.block_table[:, key_positions // block_size].long()  # [B, L]
-        offsets = (key_positions % block_size).expand(num_rows, -1)  # [B, L]
-        visible = key_visibility(batch, key_positions)  # [B, L]
-        keys = cache[block_idx, 0, offsets]  # [B, L, Hkv, D]
-        values = cache[block_idx, 1, offsets]
-        zero = torch.zeros((), dtype=keys.dtype, device=device)
-        keys = torch.where(visible[..., None, None], keys, zero)  # unwritten slots may hold NaN
-        values = torch.where(visible[..., None, None], values, zero)
+        key_positions, exists = visible_key_positions(batch)  # [B, Lv]
+        width = key_positions.shape[1]
+        blocks = batch.block_table.long().gather(1, key_positions // block_size)
+        key_rows = (blocks * 2 * block_size + key_positions % block_size).flatten()
+        cache_rows = cache.view(-1, num_kv_heads * head_dim)
+        keys = cache_rows.index_select(0, key_rows).view(num_rows, width, num_kv_heads, head_dim)
+        values = cache_rows.index_select(0, key_rows + block_size).view(num_rows, width, num_kv_heads, head_dim)
 
         # Scatter the flat query tokens into a padded [B, Q] grid.
         qsl = batch.query_start_loc.long()
@@ -113,7 +120,7 @@ class TorchGatherAttention:
         query_pos = torch.full((num_rows, batch.max_query_len), -1, dtype=torch.int64, device=device)
         query_pos[row_of_token, col_of_token] = batch.query_positions
 
-        mask = visible[:, None, :] & (key_positions[None, None, :] <= query_pos[..., None])  # [B, Q, L]
+        mask = exists[:, None, :] & (key_positions[:, None, :] <= query_pos[..., None])  # [B, Q, Lv]
         has_key = mask.any(dim=-1, keepdim=True)
         mask = mask | ~has_key  # keep SDPA finite on rows with nothing to see; zeroed below
 
@@ -122,7 +129,7 @@ class TorchGatherAttention:
             values = values.repeat_interleave(num_heads // num_kv_heads, dim=2)
         out = F.scaled_dot_product_attention(
             padded_q.transpose(1, 2),  # [B, H, Q, D]
-            keys.transpose(1, 2),  # [B, H, L, D]
+            keys.transpose(1, 2),  # [B, H, Lv, D]
             values.transpose(1, 2),
             attn_mask=mask[:, None],
             scale=scale,

@@ -81,3 +81,9 @@ def test_tables_are_rebuilt_only_when_the_batch_or_state_changes():
     assert store.tables(["a"]) is first
     store.update(["a"], live, {"i": torch.zeros(4, H)})
     assert store.tables(["a"]) is not first
+
+
+def test_an_image_at_token_zero_drops_no_slot_before_the_sequence():
+    store = make_store()
+    store.update(["a"], {"a": request(feature("i", 0, 6))}, {})
+    assert store.tables(["a"]).dropped_ranges[0].tolist() == [[0, 3]]  # slots 0..4 are the image's; 3, 4 kept

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from vispec_vllm.kernels.paged_attention import PagedBatch, TorchGatherAttention, key_visibility
+from vispec_vllm.kernels.paged_attention import PagedBatch, TorchGatherAttention
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -23,6 +23,15 @@ def dense_reference(q, k_all, v_all, positions, visible):
             scores = (kh @ q[i, h]) / math.sqrt(DIM)
             out[i, h] = torch.softmax(scores, dim=0) @ v_all[keys, h // group]
     return out
+
+
+def key_visibility(batch, key_positions):
+    """[B, L]: key p of row b exists and lies in none of the row's dropped spans (written independently)."""
+    rows = []
+    for b in range(batch.seq_lens.shape[0]):
+        spans = batch.dropped_ranges[b].tolist()
+        rows.append([p < batch.seq_lens[b] and not any(a <= p < e for a, e in spans) for p in key_positions.tolist()])
+    return torch.tensor(rows)
 
 
 def make_cache(num_blocks):
