@@ -169,6 +169,8 @@ class ViSpecProposer(EagleProposer):
         last_hidden, hidden = self._forward(
             input_ids, positions, target_hidden_states, batch, row_of_token, tables, inputs_embeds
         )
+        if num_speculative_tokens == 0:  # dynamic speculation chose no drafts: the pass above kept the KV in sync
+            return torch.empty(num_rows, 0, dtype=torch.int64, device=device)
         draft_ids, draft_probs = self._sample_draft_tokens(last_hidden[sample_index], sampling_metadata)
         all_ids, all_probs = [draft_ids], [draft_probs]
 
