@@ -43,12 +43,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [B, T, hd]."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [..., T, heads, hd]; cos/sin [..., T, hd]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
 
 
 class DraftAttention(nn.Module):
+    """Projections and RoPE; the attention core is the caller's (dense here, paged in vLLM)."""
+
     def __init__(self, config: ViSpecConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -61,19 +63,27 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., T, H], positions [..., T] -> q [..., T, heads, hd], k and v [..., T, kv_heads, hd] (RoPE on q, k)."""
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """[..., T, heads, hd] -> [..., T, H]."""
+        return self.o_proj(attended.flatten(-2))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x [B, T, H]; positions [B, T] int; allowed [B, T(query), T(key)] bool (True: may attend)."""
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, positions))  # [B, heads, T, hd]
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # GQA: query head i reads kv head i // groups
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return self.output(out.transpose(1, 2))
 
 
 class DraftMLP(nn.Module):
@@ -95,5 +105,9 @@ class DraftDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        y = x + self.self_attn(x, positions, allowed)  # no input norm
+        return self.after_attention(x, self.self_attn(x, positions, allowed))
+
+    def after_attention(self, x: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The residual and MLP half of the layer (no input norm before attention: official)."""
+        y = x + attention_output
         return y + self.mlp(self.post_attention_layernorm(y))

@@ -125,8 +125,7 @@ class ViSpecDraft(nn.Module):
             layout.global_image >= 0, batch + image_offset[:, None] + layout.global_image, rows[:, None]
         )
         g = g_table[g_index]  # [B, T, H]
-        fused = self.img_fc(torch.cat([hidden_states, g], dim=-1))
-        x = self.fc(torch.cat([inputs_embeds, fused], dim=-1))
+        x = self.fuse_inputs(hidden_states, inputs_embeds, g)
         is_compressed = layout.kind == COMPRESSED
         if bool(is_compressed.any()):
             b_idx, t_idx = torch.nonzero(is_compressed, as_tuple=True)
@@ -149,6 +148,10 @@ class ViSpecDraft(nn.Module):
         # g after the last slot: the row's last image's, else the carried-in one
         after_index = torch.where(layout.images_per_row > 0, batch + image_offset + layout.images_per_row - 1, rows)
         return ViSpecDraftOutput(hidden_states=out, global_feature=g_table[after_index], layout=layout)
+
+    def fuse_inputs(self, hidden_states: torch.Tensor, inputs_embeds: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """A text slot's layer input: fc([e ; img_fc([h ; g])]) (embedding first in fc, hidden first in img_fc)."""
+        return self.fc(torch.cat([inputs_embeds, self.img_fc(torch.cat([hidden_states, g], dim=-1))], dim=-1))
 
     def _adapt_images(self, inputs_embeds: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
         """Adaptor outputs of every image run, flat in row-major order: [n_img, num_q, H] (n_img may be 0)."""

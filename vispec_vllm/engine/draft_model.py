@@ -23,7 +23,6 @@ from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 from vispec_vllm.draft.adaptor import ImgAdaptor
 from vispec_vllm.draft.checkpoint import validate_state_dict
 from vispec_vllm.draft.config import ViSpecConfig
-from vispec_vllm.draft.layers import apply_rotary, rotary_cos_sin
 from vispec_vllm.draft.model import ViSpecDraft, identity_img_fc_
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs
 from vispec_vllm.kernels.paged_attention import DraftAttentionBackend, TorchGatherAttention
@@ -101,26 +100,18 @@ class ViSpecDraftForVLLM(nn.Module):
             global_feature = hidden_states.new_zeros(hidden_states.shape)
         else:
             global_feature = images.global_feature.to(hidden_states.dtype)
-        fused = model.img_fc(torch.cat([hidden_states, global_feature], dim=-1))
-        x = model.fc(torch.cat([embeds.to(hidden_states.dtype), fused], dim=-1))  # [T, H]
+        x = model.fuse_inputs(hidden_states, embeds.to(hidden_states.dtype), global_feature)  # [T, H]
         if images is not None:
             x = torch.where(images.is_compressed[:, None], images.compressed_token.to(x.dtype), x)
 
         layer = model.layers[0]
-        attn = layer.self_attn
-        cfg = self.vispec_config
-        num_tokens = x.shape[0]
-        q = attn.q_proj(x).view(num_tokens, cfg.num_attention_heads, cfg.head_dim)
-        k = attn.k_proj(x).view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
-        v = attn.v_proj(x).view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype)  # [T, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = layer.self_attn.project(x, positions)  # [T, heads, hd]
+        scale = self.vispec_config.head_dim**-0.5
         if vispec_step is None:  # profiling / dummy run: no cache, one causal sequence
-            out = _causal_attention(q, k, v, cfg.head_dim**-0.5)
+            out = _causal_attention(q, k, v, scale)
         else:
-            out = self.attention_backend(q, k, v, self.attn.kv_cache, vispec_step.batch, cfg.head_dim**-0.5)
-        y = x + attn.o_proj(out.reshape(num_tokens, -1))
-        z = y + layer.mlp(layer.post_attention_layernorm(y))
+            out = self.attention_backend(q, k, v, self.attn.kv_cache, vispec_step.batch, scale)
+        z = layer.after_attention(x, layer.self_attn.output(out))
         return z, z
 
     # ------------------------------------------------------------------ weights
