@@ -36,12 +36,12 @@ def build_models(root: Path, family: str, train_steps: int) -> tuple[Path, Path]
 
 def chat_batch(num_requests: int) -> list[list[dict]]:
     from vispec_vllm.factory import make_test_image
-    from vispec_vllm.media import image_data_url
+    from vispec_vllm.media import image_part
 
     conversations = []
     for i in range(num_requests):
         content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(make_test_image(seed=i))}},
+            image_part(make_test_image(seed=i)),
             {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
         ]
         conversations.append([{"role": "user", "content": content}])
