@@ -1,5 +1,5 @@
-"""Attention kernels for the ViSpec draft layer (installed as `vispec_vllm.kernels`).
+"""Attention pieces for the ViSpec draft layer (installed as `vispec_vllm.kernels`).
 
-`paged_attention.TorchGatherAttention` is the reference backend (vectorised gather + SDPA; CPU and CUDA).
-A GPU kernel plugs in through the `DraftAttentionBackend` protocol.
+`dropped_keys.FlaggedHeads` hides dropped image keys from vLLM's own paged attention kernels (CPU and CUDA)
+with one spare coordinate per head, so the draft runs on whatever attention backend the platform picked.
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vispec_vllm.engine.image_state import ImageStateStore, spans_from_mm_features
-from vispec_vllm.engine.step_inputs import token_image_inputs
+from vispec_vllm.engine.step_inputs import chain_image_inputs, token_image_inputs
 
 H, NUM_Q = 4, 3
 
@@ -62,7 +62,6 @@ def test_token_inputs_place_compressed_tokens_and_global_features():
     tables = store.tables(["a", "b"])
     # image 1 owns slots [2, 6]: dropped [2, 4], compressed 5 (query 0) and 6 (query 1); g from slot 7 on
     # image 2 owns slots [11, 14]: dropped [11, 12], compressed 13, 14; its g from slot 15 on
-    assert tables.dropped_ranges[0].tolist() == [[2, 5], [11, 13]]
     positions = torch.tensor([0, 4, 5, 6, 7, 10, 13, 14, 15, 3])
     rows = torch.tensor([0] * 9 + [1])
     inputs = token_image_inputs(tables, rows, positions)
@@ -71,6 +70,21 @@ def test_token_inputs_place_compressed_tokens_and_global_features():
     assert compressed[2:4] == [10.0, 11.0] and compressed[6:8] == [20.0, 21.0]
     g = inputs.global_feature[:, 0].tolist()
     assert g == [0.0, 0.0, 0.0, 0.0, 12.0, 12.0, 12.0, 12.0, 22.0, 0.0]
+    assert inputs.is_dropped.tolist() == [False, True, False, False, False, False, False, False, False, False]
+    every_slot = torch.arange(17)
+    dropped = token_image_inputs(tables, torch.zeros(17, dtype=torch.int64), every_slot).is_dropped
+    assert every_slot[dropped].tolist() == [2, 3, 4, 11, 12]
+
+
+def test_chain_inputs_carry_the_latest_global_feature():
+    store = make_store()
+    live = {"a": request(feature("i1", 3, 5), feature("i2", 12, 4)), "b": request()}
+    store.update(["a", "b"], live, {"i1": torch.full((5, H), 10.0), "i2": torch.full((4, H), 20.0)})
+    tables = store.tables(["a", "b"])
+    for positions, expected in (([7, 3], [12.0, 0.0]), ([15, 40], [22.0, 0.0]), ([6, 0], [0.0, 0.0])):
+        inputs = chain_image_inputs(tables, torch.tensor(positions))
+        assert inputs.global_feature[:, 0].tolist() == expected
+        assert inputs.is_compressed is None and inputs.is_dropped is None
 
 
 def test_tables_are_rebuilt_only_when_the_batch_or_state_changes():
@@ -86,4 +100,5 @@ def test_tables_are_rebuilt_only_when_the_batch_or_state_changes():
 def test_an_image_at_token_zero_drops_no_slot_before_the_sequence():
     store = make_store()
     store.update(["a"], {"a": request(feature("i", 0, 6))}, {})
-    assert store.tables(["a"]).dropped_ranges[0].tolist() == [[0, 3]]  # slots 0..4 are the image's; 3, 4 kept
+    inputs = token_image_inputs(store.tables(["a"]), torch.zeros(6, dtype=torch.int64), torch.arange(6))
+    assert inputs.is_dropped.tolist() == [True, True, True, False, False, False]  # slots 0..4: 3, 4 kept

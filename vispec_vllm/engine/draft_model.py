@@ -1,31 +1,171 @@
-"""The ViSpec draft as a vLLM model (registered as `Eagle<target architecture>`).
+"""The ViSpec draft as a vLLM model (registered as `Eagle<target architecture>`), built from vLLM layers.
 
-It holds a `ViSpecDraft` (the reference modules: fc, img_fc, imgadaptor, one decoder layer) so the math is
-defined once, and swaps only the attention core for the paged one. vLLM shares the target's embedding and
-`lm_head` (`has_own_embed_tokens` / `has_own_lm_head` are False) and allocates the draft layer's KV cache in
-the target's KV group through a vLLM `Attention` layer whose cache this module reads and writes itself.
-The draft is replicated on every tensor-parallel rank (it is one layer).
+The same math as the reference `ViSpecDraft` (tested token for token against it), on vLLM's GEMM, norm, RoPE
+and paged-attention ops. The decoder layer's attention heads are widened by `FlaggedHeads` so vLLM's own
+kernels hide dropped image slots; its KV lives in the target's KV group (same block table, same slots).
+vLLM shares the target's embedding and `lm_head` (`has_own_embed_tokens` / `has_own_lm_head` are False).
+Linear layers are tensor-parallel like vLLM's own EAGLE drafts; the image adaptor is replicated (it runs
+once per image, off the decode path).
+
+Official checkpoint keys map onto this module as `model.<key>`, with q/k/v and gate/up stacked:
+`layers.0.self_attn.{q,k,v}_proj` -> `layers.0.self_attn.qkv_proj`, `layers.0.mlp.{gate,up}_proj` ->
+`layers.0.mlp.gate_up_proj`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+from vllm.v1.attention.selector import get_attn_backend
 
 from vispec_vllm.draft.adaptor import ImgAdaptor
 from vispec_vllm.draft.checkpoint import validate_state_dict
 from vispec_vllm.draft.config import ViSpecConfig
-from vispec_vllm.draft.model import ViSpecDraft, identity_img_fc_
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs
-from vispec_vllm.kernels.paged_attention import DraftAttentionBackend, TorchGatherAttention
+from vispec_vllm.kernels.dropped_keys import FlaggedHeads
+
+# checkpoint sub-name -> (stacked parameter, shard id)
+STACKED_PARAMS = {
+    ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+    ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+    ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+    ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+    ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    heads: int  # per tensor-parallel rank
+    kv_heads: int  # per tensor-parallel rank
+    head_dim: int
+
+
+class ViSpecAttention(nn.Module):
+    """MHA/GQA with optional q/k/v bias and 1-D RoPE over the given (raw token) positions."""
+
+    def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        head_dim = config.head_dim
+        self.shape = LayerShape(
+            config.hidden_size, config.num_attention_heads // tp, max(1, config.num_key_value_heads // tp), head_dim
+        )
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.qkv_bias,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
+        )
+        max_position = max(config.max_position_embeddings, vllm_config.model_config.max_model_len) + 64
+        self.rotary_emb = get_rope(
+            head_dim,
+            max_position=max_position,
+            is_neox_style=True,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        )
+        scale = head_dim**-0.5
+        cache_config = vllm_config.cache_config
+        backend = get_attn_backend(head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype)
+        self.flags = FlaggedHeads.for_backend(head_dim, scale, backend.supports_head_size)
+        self.attn = Attention(
+            num_heads=self.shape.heads,
+            head_size=self.flags.padded_dim,
+            scale=scale,
+            num_kv_heads=self.shape.kv_heads,
+            cache_config=cache_config,
+            prefix=layer_name,
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+        """x [T, H], positions [T], dropped [T] bool (slots no query may see) or None -> [T, H]."""
+        s = self.shape
+        qkv, _ = self.qkv_proj(x)
+        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        num_tokens = x.shape[0]
+        k, v = self.flags.key_value(
+            k.view(num_tokens, s.kv_heads, s.head_dim), v.view(num_tokens, s.kv_heads, s.head_dim), dropped
+        )
+        out = self.attn(self.flags.query(q.view(num_tokens, s.heads, s.head_dim)), k, v)
+        out, _ = self.o_proj(self.flags.output(out.view(num_tokens, s.heads, self.flags.padded_dim)))
+        return out
+
+
+class ViSpecMLP(nn.Module):
+    def __init__(self, config: ViSpecConfig, prefix: str) -> None:
+        super().__init__()
+        intermediate = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [intermediate] * 2, bias=False, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(intermediate, config.hidden_size, bias=False, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class ViSpecDecoderLayer(nn.Module):
+    """Official layout: no input norm (y = x + attn(x)), then a post-attention norm and the MLP."""
+
+    def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
+        super().__init__()
+        self.self_attn = ViSpecAttention(config, vllm_config, layer_name, prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ViSpecMLP(config, prefix=f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+        y = x + self.self_attn(x, positions, dropped)
+        return y + self.mlp(self.post_attention_layernorm(y))
+
+
+class ViSpecModel(nn.Module):
+    """Submodule names are the official checkpoint keys (after stacking)."""
+
+    def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        # A width-only placeholder: vLLM swaps in the target's embedding (checking only the width), so the
+        # draft never allocates its own [V, H] copy.
+        self.embed_tokens = nn.Embedding(1, hidden)
+        self.fc = ReplicatedLinear(2 * hidden, hidden, bias=config.bias, prefix=f"{prefix}.fc")
+        self.img_fc = ReplicatedLinear(2 * hidden, hidden, bias=config.bias, prefix=f"{prefix}.img_fc")
+        self.imadpt: ImgAdaptor | None = None  # created by load_weights when the checkpoint has `imadpt.q`
+        self.layers = nn.ModuleList([ViSpecDecoderLayer(config, vllm_config, layer_name, prefix=f"{prefix}.layers.0")])
+
+    def fuse_inputs(self, hidden_states: torch.Tensor, embeds: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """A text slot's layer input: fc([e ; img_fc([h ; g])]) (as `ViSpecDraft.fuse_inputs`)."""
+        image_fused, _ = self.img_fc(torch.cat([hidden_states, g], dim=-1))
+        fused, _ = self.fc(torch.cat([embeds, image_fused], dim=-1))
+        return fused
 
 
 class ViSpecDraftForVLLM(nn.Module):
@@ -44,26 +184,16 @@ class ViSpecDraftForVLLM(nn.Module):
         self.vispec_config = ViSpecConfig.from_json_file(
             draft_config_file(draft_model_config.model, draft_model_config.revision)
         )
-        # `num_q` is not in config.json: the adaptor is created when `load_weights` sees `imadpt.q`.
-        self.model = ViSpecDraft(self.vispec_config, num_q=None)
+        target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        layer_name = f"model.layers.{target_layers}.self_attn.attn"  # after the target's layers
+        self.model = ViSpecModel(self.vispec_config, vllm_config, layer_name, prefix="model")
         self.lm_head = nn.Identity()  # replaced by the target's lm_head
         self.logits_processor = LogitsProcessor(self.vispec_config.vocab_size)
 
-        cfg = self.vispec_config
-        target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.attn = Attention(
-            num_heads=cfg.num_attention_heads,
-            head_size=cfg.head_dim,
-            scale=cfg.head_dim**-0.5,
-            num_kv_heads=cfg.num_key_value_heads,
-            cache_config=vllm_config.cache_config,
-            prefix=f"model.layers.{target_layers}.self_attn.attn",
-        )
-        self.attention_backend: DraftAttentionBackend = TorchGatherAttention()
-
     @property
     def num_q(self) -> int | None:
-        return self.model.num_q
+        imadpt = self.model.imadpt
+        return None if imadpt is None else imadpt.num_q
 
     # ------------------------------------------------------------------ vLLM model contract
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, is_multimodal=None) -> torch.Tensor:
@@ -101,32 +231,46 @@ class ViSpecDraftForVLLM(nn.Module):
         else:
             global_feature = images.global_feature.to(hidden_states.dtype)
         x = model.fuse_inputs(hidden_states, embeds.to(hidden_states.dtype), global_feature)  # [T, H]
-        if images is not None:
+        dropped = None
+        if images is not None and images.is_compressed is not None:
             x = torch.where(images.is_compressed[:, None], images.compressed_token.to(x.dtype), x)
-
-        layer = model.layers[0]
-        q, k, v = layer.self_attn.project(x, positions)  # [T, heads, hd]
-        scale = self.vispec_config.head_dim**-0.5
-        if vispec_step is None:  # profiling / dummy run: no cache, one causal sequence
-            out = _causal_attention(q, k, v, scale)
-        else:
-            out = self.attention_backend(q, k, v, self.attn.kv_cache, vispec_step.batch, scale)
-        z = layer.after_attention(x, layer.self_attn.output(out))
+            dropped = images.is_dropped
+        z = model.layers[0](x, positions, dropped)
         return z, z
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         state = dict(weights)
         num_q = validate_state_dict(self.vispec_config, state, source=f"{self.source} (weights)")
-        reference = self.model.fc.weight
-        if num_q is not None:
-            self.model.imadpt = ImgAdaptor(self.vispec_config, num_q).to(reference.device, reference.dtype)
-        else:  # stage-1 EAGLE checkpoint: no adaptor, img_fc stays the identity
-            identity_img_fc_(self.model.img_fc)
         state.pop("embed_tokens.weight")  # a frozen copy of the target's, which vLLM shares instead
-        self.model.load_state_dict({k: v.to(reference.dtype) for k, v in state.items()}, strict=False)
-        # Every parameter is now set: embed_tokens is replaced by the target's right after loading.
-        return {name for name, _ in self.named_parameters()}
+        model = self.model
+        reference = model.fc.weight
+        if num_q is not None:
+            model.imadpt = ImgAdaptor(self.vispec_config, num_q).to(reference.device, reference.dtype)
+        else:  # stage-1 EAGLE checkpoint: img_fc([h ; g]) = h, g stays zero
+            hidden = self.vispec_config.hidden_size
+            identity = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+            state["img_fc.weight"] = identity
+            if model.img_fc.bias is not None:
+                state["img_fc.bias"] = torch.zeros(hidden)
+        params = dict(model.named_parameters())
+        loaded = set()
+        for name, tensor in state.items():
+            target, shard = name, None
+            for part, (stacked, shard_id) in STACKED_PARAMS.items():
+                if part in name:
+                    target, shard = name.replace(part, stacked), shard_id
+                    break
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            tensor = tensor.to(param.dtype)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(f"model.{target}")
+        # The placeholder embedding is replaced by the target's right after loading.
+        return loaded | {"model.embed_tokens.weight"}
 
 
 def draft_config_file(model: str, revision: str | None) -> Path:
@@ -137,13 +281,3 @@ def draft_config_file(model: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(model, "config.json", revision=revision))
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """[T, H, D] causal attention over one sequence (dummy runs only)."""
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                         scale=scale)
-    return out.transpose(0, 1)

@@ -9,7 +9,8 @@ reuses vLLM's sampling and metadata but builds the draft inputs itself:
    would hand it the temporal M-RoPE index, which lags the token index after an image: vllm#54498).
 3. Image inputs come from per-request state (`ImageStateStore`): compressed tokens at the last num_q-1
    slots of each image, the global feature g for later slots, and dropped image slots hidden from attention.
-4. Draft KV lives in the target's slots (same block table); `PagedBatch` says where.
+4. Draft KV lives in the target's slots (same block table), read and written by vLLM's attention backend
+   with vLLM's own metadata and per-step slot update; dropped image slots are hidden by `FlaggedHeads`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
-from vispec_vllm.engine.step_inputs import ViSpecStepInputs, token_image_inputs
+from vispec_vllm.engine.step_inputs import ViSpecStepInputs, chain_image_inputs, token_image_inputs
 from vispec_vllm.engine.validation import check_draft_against_target
-from vispec_vllm.kernels.paged_attention import PagedBatch
 from vispec_vllm.model_names import is_vispec_architecture
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger, so the lines show
@@ -150,58 +152,35 @@ class ViSpecProposer(EagleProposer):
                 self.runner.requests,
             )
         tables = self._image_tables(req_ids)
-        block_table = cad.block_table_tensor[:num_rows]
-        batch = PagedBatch(
-            query_start_loc=qsl,
-            query_positions=positions,
-            seq_lens=seq_lens,
-            block_table=block_table,
-            slot_mapping=cad.slot_mapping[:num_tokens].long(),
-            block_size=self.block_size,
-            max_query_len=int(cad.max_query_len),
-            max_seq_len=int(cad.max_seq_len),
-            dropped_ranges=self._dropped_ranges(tables, num_rows, device),
-        )
+        images = None if tables is None else token_image_inputs(tables, row_of_token, positions)
         inputs_embeds = None
         if mm_embed_inputs is not None and self.supports_mm_inputs:
             mm_embeds, is_mm_embed = mm_embed_inputs
             inputs_embeds = self.model.embed_input_ids(input_ids, mm_embeds, is_mm_embed[:num_tokens])
-        last_hidden, hidden = self._forward(
-            input_ids, positions, target_hidden_states, batch, row_of_token, tables, inputs_embeds
-        )
+        last_hidden, hidden = self._forward(cad, input_ids, positions, target_hidden_states, images, inputs_embeds)
         if num_speculative_tokens == 0:  # dynamic speculation chose no drafts: the pass above kept the KV in sync
             return torch.empty(num_rows, 0, dtype=torch.int64, device=device)
         draft_ids, draft_probs = self._sample_draft_tokens(last_hidden[sample_index], sampling_metadata)
         all_ids, all_probs = [draft_ids], [draft_probs]
 
-        # 3. chain: one more token per row per step, fed the draft's own hidden state
+        # 3. chain: one more token per row per step, fed the draft's own hidden state, with the same g
         positions = positions[sample_index]
         hidden = hidden[sample_index]
+        images = None if tables is None else chain_image_inputs(tables, positions + 1)
+        cad.num_actual_tokens = num_rows
+        cad.max_query_len = 1
+        cad.query_start_loc = self.arange[: num_rows + 1]
+        cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: num_rows + 1]).clone()
         if num_rejected_tokens_gpu is not None:
-            seq_lens = seq_lens - num_rejected_tokens_gpu[:num_rows].long()
-        max_seq_len = int(cad.max_seq_len)
-        one_per_row = torch.arange(num_rows + 1, device=device)
-        for _ in range(num_speculative_tokens - 1):
-            positions = positions + 1
-            fits = positions < self.max_model_len
-            positions = torch.where(fits, positions, torch.zeros_like(positions))
-            slots = block_table[rows, positions // self.block_size].long() * self.block_size + (
-                positions % self.block_size
+            cad.seq_lens -= num_rejected_tokens_gpu  # as the stock proposer: drop the rejected padding
+        for step in range(1, num_speculative_tokens):
+            # positions + 1 (0 past max_model_len), slots from the block table, seq_lens + 1: vLLM's own update
+            positions = self._update_positions_dependent_metadata(
+                positions, cad, num_rows, num_rows, self.block_size
             )
-            seq_lens = torch.where(fits, seq_lens + 1, torch.ones_like(seq_lens))
-            max_seq_len = min(max_seq_len + 1, self.max_model_len)
-            batch = PagedBatch(
-                query_start_loc=one_per_row,
-                query_positions=positions,
-                seq_lens=seq_lens,
-                block_table=block_table,
-                slot_mapping=torch.where(fits, slots, torch.full_like(slots, -1)),
-                block_size=self.block_size,
-                max_query_len=1,
-                max_seq_len=max_seq_len,
-                dropped_ranges=batch.dropped_ranges,
+            last_hidden, hidden = self._forward(
+                cad, all_ids[-1].to(input_ids.dtype), positions, hidden, images, draft_index=step
             )
-            last_hidden, hidden = self._forward(all_ids[-1].to(input_ids.dtype), positions, hidden, batch, rows, tables)
             draft_ids, draft_probs = self._sample_draft_tokens(last_hidden, sampling_metadata)
             all_ids.append(draft_ids)
             all_probs.append(draft_probs)
@@ -213,25 +192,27 @@ class ViSpecProposer(EagleProposer):
             self.recorder.record_proposal(req_ids, drafts)
         return drafts
 
-    def _forward(self, input_ids, positions, hidden_states, batch, row_of_token, tables, inputs_embeds=None):
-        images = None if tables is None else token_image_inputs(tables, row_of_token, positions)
-        step = ViSpecStepInputs(batch=batch, row_of_token=row_of_token, images=images)
-        return self.model(
-            input_ids=input_ids,
-            positions=positions,
-            hidden_states=hidden_states,
-            inputs_embeds=inputs_embeds,
-            vispec_step=step,
-        )
+    def _forward(self, cad, input_ids, positions, hidden_states, images, inputs_embeds=None, draft_index=0):
+        """One draft forward over `cad`'s query tokens, with vLLM's attention metadata for the draft layer."""
+        num_tokens = input_ids.shape[0]
+        _, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(cad, draft_index=draft_index)
+        with set_forward_context(
+            per_layer_metadata,
+            self.vllm_config,
+            num_tokens=num_tokens,
+            cudagraph_runtime_mode=CUDAGraphMode.NONE,
+            slot_mapping=self._get_slot_mapping(num_tokens, cad.slot_mapping if draft_index == 0 else None),
+        ):
+            return self.model(
+                input_ids=input_ids,
+                positions=positions,
+                hidden_states=hidden_states,
+                inputs_embeds=inputs_embeds,
+                vispec_step=ViSpecStepInputs(images=images),
+            )
 
     def _image_tables(self, req_ids: list[str]) -> BatchImageTables | None:
         if self.image_states is None:
             return None
         self.image_states.update(req_ids, self.runner.requests, self.runner.encoder_cache)
         return self.image_states.tables(req_ids)
-
-    @staticmethod
-    def _dropped_ranges(tables: BatchImageTables | None, num_rows: int, device) -> torch.Tensor:
-        if tables is None:
-            return torch.zeros(num_rows, 1, 2, dtype=torch.int64, device=device)
-        return tables.dropped_ranges

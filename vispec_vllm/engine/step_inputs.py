@@ -1,4 +1,4 @@
-"""What one draft forward needs besides token ids and hidden states: the paged batch and image inputs."""
+"""What one draft forward needs besides token ids, positions and hidden states: each token's image inputs."""
 
 from __future__ import annotations
 
@@ -7,22 +7,21 @@ from dataclasses import dataclass
 import torch
 
 from vispec_vllm.engine.image_state import BatchImageTables
-from vispec_vllm.kernels.paged_attention import PagedBatch
 
 
 @dataclass
 class TokenImageInputs:
-    """Per query token (T of them): which image feature it gets."""
+    """Per query token (T of them): which image feature it gets. The slot fields are None in a chain step,
+    whose tokens (drafted tokens, after the prompt) are never image slots."""
 
     global_feature: torch.Tensor  # [T, H]: g of the latest image that ended before the token's slot (zeros if none)
-    is_compressed: torch.Tensor  # [T] bool: slot is one of the last num_q-1 slots of an image
-    compressed_token: torch.Tensor  # [T, H]: adaptor output for compressed slots (garbage elsewhere)
+    is_compressed: torch.Tensor | None = None  # [T] bool: slot is one of the last num_q-1 slots of an image
+    compressed_token: torch.Tensor | None = None  # [T, H]: adaptor output for compressed slots (garbage elsewhere)
+    is_dropped: torch.Tensor | None = None  # [T] bool: any other image slot (hidden from every query)
 
 
 @dataclass
 class ViSpecStepInputs:
-    batch: PagedBatch
-    row_of_token: torch.Tensor  # [T] int64 batch row of each query token
     images: TokenImageInputs | None  # None for a stage-1 (text EAGLE) draft
 
 
@@ -45,10 +44,20 @@ def token_image_inputs(
 
     query_index = slot - (last - (num_q - 2))  # index into the compressed tokens, valid in [0, num_q-2]
     compressed = (query_index >= 0) & (slot <= last)  # [T, M]
+    dropped = (slot >= tables.first_slot[row_of_token]) & (query_index < 0)  # [T, M]
     image_of_slot = compressed.int().argmax(dim=-1)
     chosen_query = query_index[tokens, image_of_slot].clamp(0, num_q - 2)
     return TokenImageInputs(
         global_feature=global_feature,
         is_compressed=compressed.any(dim=-1),
         compressed_token=adaptor[row_of_token, image_of_slot, chosen_query],
+        is_dropped=dropped.any(dim=-1),
     )
+
+
+def chain_image_inputs(tables: BatchImageTables, positions: torch.Tensor) -> TokenImageInputs:
+    """Row b's drafted token at `positions[b]` (after all of the row's images): only g, of its latest image."""
+    n_done = (positions[:, None] > tables.last_slot).sum(dim=-1)  # [B]
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    global_feature = tables.adaptor_output[rows, (n_done - 1).clamp(min=0), tables.num_q - 1]
+    return TokenImageInputs(global_feature=global_feature * (n_done > 0)[:, None].to(global_feature.dtype))
