@@ -6,17 +6,19 @@ widens each head by a few coordinates and uses the first extra one as a "dropped
 
     query:  q' = [q, +a, 0, ...]
     key:    k' = [k, 0, 0, ...]  at a visible slot,   [0, -a, 0, ...]  at a dropped slot
-    value:  v' = [v, 0, 0, ...]                      output: out'[..., :head_dim]
+    value:  v' = [v, 0, 0, ...]                      o_proj reads only the first head_dim of each head
 
 so q'.k' = q.k at visible keys and -a^2 at dropped ones. With a^2 * scale = MASKED_LOGIT the dropped logits sit
 3e4 below any real logit and exp() underflows to exactly 0 in float32 (and bf16/fp16, whose exponent range is
 float32's or whose softmax kernels accumulate in float32): the same result as a -inf mask for every query that
 sees at least one visible key. (A query with only dropped keys sits at a dropped slot; its output is unused.)
 
-The draft KV then sits 1:1 in the target's slots, in vLLM's own layout, read and written by vLLM's kernels:
-prefix caching, chunked prefill and the scheduler need nothing special. The cost is the wider head: the
-smallest size the platform's backend accepts (CPU_ATTN: 32 -> 64, 64 -> 80, 128 -> 160; FlashAttention: the
-next multiple of 8).
+The widening is done once, on the weights: q/k/v projection rows and o_proj columns get zeros for the extra
+coordinates and the q bias gets +a on the flag coordinate; RoPE rotates only the first head_dim coordinates.
+So the GEMMs emit q', k', v' directly and the only op added per forward is `hide` on the keys of dropped slots.
+The draft KV sits 1:1 in the target's slots, in vLLM's own layout, read and written by vLLM's kernels: prefix
+caching, chunked prefill and the scheduler need nothing special. The cost is the wider head: the smallest
+size the platform's backend accepts (CPU_ATTN: 32 -> 64, 64 -> 80, 128 -> 160; FlashAttention: +8).
 """
 
 from __future__ import annotations
@@ -49,28 +51,46 @@ class FlaggedHeads:
             )
         return cls(head_dim=head_dim, padded_dim=padded, flag=math.sqrt(MASKED_LOGIT / scale))
 
-    @property
-    def extra(self) -> int:
-        return self.padded_dim - self.head_dim
+    def widen(self, tensor: torch.Tensor, num_heads: int, dim: int = 0) -> torch.Tensor:
+        """Zero-pad each head's block along `dim`: [.., num_heads * head_dim, ..] -> [.., num_heads * padded_dim, ..].
+        For q/k/v projection weights and biases (dim 0) and the o_proj weight (dim 1)."""
+        moved = tensor.movedim(dim, 0)
+        heads = moved.reshape(num_heads, self.head_dim, *moved.shape[1:])
+        wide = heads.new_zeros(num_heads, self.padded_dim, *moved.shape[1:])
+        wide[:, : self.head_dim] = heads
+        return wide.reshape(num_heads * self.padded_dim, *moved.shape[1:]).movedim(0, dim)
 
-    def query(self, q: torch.Tensor) -> torch.Tensor:
-        """[T, heads, head_dim] -> [T, heads, padded_dim]: [q, +a, 0...]."""
-        tail = q.new_zeros(self.extra)
-        tail[0] = self.flag
-        return torch.cat([q, tail.expand(*q.shape[:-1], self.extra)], dim=-1)
+    def query_bias(self, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """[num_heads * head_dim] q bias (zeros if the draft has none) -> widened, with +a on each flag coordinate."""
+        wide = self.widen(bias, num_heads).view(num_heads, self.padded_dim)
+        wide[:, self.head_dim] = self.flag
+        return wide.flatten()
 
-    def key_value(
-        self, k: torch.Tensor, v: torch.Tensor, dropped: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [T, kv_heads, head_dim]; dropped [T] bool or None (none dropped) -> both [T, kv_heads, padded_dim]."""
-        zeros = k.new_zeros(*k.shape[:-1], self.extra)
-        k, v = torch.cat([k, zeros], dim=-1), torch.cat([v, zeros], dim=-1)
-        if dropped is None:
-            return k, v
-        dropped_key = k.new_zeros(self.padded_dim)  # [0..., -a, 0...]
+    def hide(self, key: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """key [T, kv_heads, padded_dim] (widened, RoPE applied); dropped [T] bool -> [0..., -a, 0...] where dropped."""
+        dropped_key = key.new_zeros(self.padded_dim)
         dropped_key[self.head_dim] = -self.flag
-        return torch.where(dropped[:, None, None], dropped_key, k), v
+        return torch.where(dropped[:, None, None], dropped_key, key)
 
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        """[T, heads, padded_dim] -> [T, heads * head_dim]."""
-        return out[..., : self.head_dim].reshape(out.shape[0], -1)
+
+def skip_dropped_blocks(
+    block_table: torch.Tensor,  # [B, max_blocks] int
+    dropped_spans: torch.Tensor,  # [B, M, 2] int64 half-open [start, end) slot spans that no query may see
+    query_start: torch.Tensor,  # [B] int64 raw position of each row's first query token
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take whole dropped blocks out of each row's key sequence, so the kernel does not even read them.
+
+    A block is taken out when all its slots are dropped and it ends at or before the row's first query: then
+    every query of the row sees all of it (causality never cuts it) and all of it is masked anyway. Keys keep
+    the RoPE of their raw positions and the kernel only aligns queries to the end of the key sequence, so
+    shortening the front of the sequence by whole blocks changes nothing but the work. Returns the block table
+    with the taken-out blocks moved past the row's end ([B, max_blocks]) and the keys taken out per row ([B]).
+    The KV writes (slot mapping) keep using the real block table.
+    """
+    block_start = torch.arange(block_table.shape[1], device=block_table.device) * block_size  # [max_blocks]
+    start, end = dropped_spans[..., :1], dropped_spans[..., 1:]  # [B, M, 1]
+    inside = ((block_start >= start) & (block_start + block_size <= end)).any(dim=1)  # [B, max_blocks]
+    skip = inside & (block_start + block_size <= query_start[:, None])
+    kept_first = torch.argsort(skip.to(torch.int8), dim=1, stable=True)
+    return block_table.gather(1, kept_first), skip.sum(dim=1) * block_size

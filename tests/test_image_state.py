@@ -74,6 +74,7 @@ def test_token_inputs_place_compressed_tokens_and_global_features():
     every_slot = torch.arange(17)
     dropped = token_image_inputs(tables, torch.zeros(17, dtype=torch.int64), every_slot).is_dropped
     assert every_slot[dropped].tolist() == [2, 3, 4, 11, 12]
+    assert tables.dropped_ranges[0].tolist() == [[2, 5], [11, 13]]
 
 
 def test_chain_inputs_carry_the_latest_global_feature():

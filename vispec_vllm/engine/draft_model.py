@@ -15,7 +15,6 @@ Official checkpoint keys map onto this module as `model.<key>`, with q/k/v and g
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,68 +52,70 @@ STACKED_PARAMS = {
 }
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    hidden: int
-    heads: int  # per tensor-parallel rank
-    kv_heads: int  # per tensor-parallel rank
-    head_dim: int
-
-
 class ViSpecAttention(nn.Module):
-    """MHA/GQA with optional q/k/v bias and 1-D RoPE over the given (raw token) positions."""
+    """MHA/GQA with optional q/k/v bias and 1-D RoPE over the given (raw token) positions, on heads widened by
+    `FlaggedHeads` (the projections emit the widened q, k, v; `load_weights` widens the checkpoint's weights)."""
 
     def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         head_dim = config.head_dim
-        self.shape = LayerShape(
-            config.hidden_size, config.num_attention_heads // tp, max(1, config.num_key_value_heads // tp), head_dim
-        )
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            head_dim,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            bias=config.qkv_bias,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
-        )
-        max_position = max(config.max_position_embeddings, vllm_config.model_config.max_model_len) + 64
-        self.rotary_emb = get_rope(
-            head_dim,
-            max_position=max_position,
-            is_neox_style=True,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        )
         scale = head_dim**-0.5
         cache_config = vllm_config.cache_config
         backend = get_attn_backend(head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype)
         self.flags = FlaggedHeads.for_backend(head_dim, scale, backend.supports_head_size)
+        padded = self.flags.padded_dim
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            padded,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=True,  # carries the query flag even where the draft has no q/k/v bias
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * padded, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
+        )
+        max_position = max(config.max_position_embeddings, vllm_config.model_config.max_model_len) + 64
+        self.rotary_emb = get_rope(
+            padded,
+            max_position=max_position,
+            is_neox_style=True,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "rope_dim": head_dim},
+        )
         self.attn = Attention(
-            num_heads=self.shape.heads,
-            head_size=self.flags.padded_dim,
+            num_heads=self.num_heads,
+            head_size=padded,
             scale=scale,
-            num_kv_heads=self.shape.kv_heads,
+            num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             prefix=layer_name,
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
         """x [T, H], positions [T], dropped [T] bool (slots no query may see) or None -> [T, H]."""
-        s = self.shape
+        padded = self.flags.padded_dim
         qkv, _ = self.qkv_proj(x)
-        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
+        q, k, v = qkv.split([self.num_heads * padded, self.num_kv_heads * padded, self.num_kv_heads * padded], -1)
         q, k = self.rotary_emb(positions, q, k)
-        num_tokens = x.shape[0]
-        k, v = self.flags.key_value(
-            k.view(num_tokens, s.kv_heads, s.head_dim), v.view(num_tokens, s.kv_heads, s.head_dim), dropped
-        )
-        out = self.attn(self.flags.query(q.view(num_tokens, s.heads, s.head_dim)), k, v)
-        out, _ = self.o_proj(self.flags.output(out.view(num_tokens, s.heads, self.flags.padded_dim)))
+        if dropped is not None:
+            k = self.flags.hide(k.view(-1, self.num_kv_heads, padded), dropped)
+        out, _ = self.o_proj(self.attn(q, k, v))
         return out
+
+    def widen_checkpoint(self, state: dict[str, torch.Tensor], prefix: str, config: ViSpecConfig) -> None:
+        """Rewrite `prefix`{q,k,v,o}_proj tensors of an official state dict into the widened layout, in place."""
+        flags = self.flags
+        heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
+        for name, count in heads.items():
+            weight = state[f"{prefix}{name}_proj.weight"]
+            state[f"{prefix}{name}_proj.weight"] = flags.widen(weight, count)
+            bias = state.get(f"{prefix}{name}_proj.bias", weight.new_zeros(weight.shape[0]))
+            widen_bias = flags.query_bias if name == "q" else flags.widen
+            state[f"{prefix}{name}_proj.bias"] = widen_bias(bias, count)
+        state[f"{prefix}o_proj.weight"] = flags.widen(state[f"{prefix}o_proj.weight"], heads["q"], dim=1)
 
 
 class ViSpecMLP(nn.Module):
@@ -253,6 +254,7 @@ class ViSpecDraftForVLLM(nn.Module):
             state["img_fc.weight"] = identity
             if model.img_fc.bias is not None:
                 state["img_fc.bias"] = torch.zeros(hidden)
+        model.layers[0].self_attn.widen_checkpoint(state, "layers.0.self_attn.", self.vispec_config)
         params = dict(model.named_parameters())
         loaded = set()
         for name, tensor in state.items():

@@ -49,6 +49,13 @@ class BatchImageTables:
     adaptor_output: torch.Tensor  # [B, M, num_q, H] (zeros where unknown)
     num_q: int
 
+    @property
+    def dropped_ranges(self) -> torch.Tensor:
+        """[B, M, 2] half-open slot spans the draft never attends to: all image slots but the last num_q-1."""
+        start = self.first_slot.clamp(min=0)  # an image at token 0 owns no slot -1
+        end = self.last_slot - (self.num_q - 1) + 1
+        return torch.stack([start, torch.maximum(end, start)], dim=-1)
+
 
 _PAD_SLOT = 2**62
 

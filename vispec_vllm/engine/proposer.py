@@ -15,6 +15,7 @@ reuses vLLM's sampling and metadata but builds the draft inputs itself:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs, chain_image_inputs, token_image_inputs
 from vispec_vllm.engine.validation import check_draft_against_target
+from vispec_vllm.kernels.dropped_keys import skip_dropped_blocks
 from vispec_vllm.model_names import is_vispec_architecture
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger, so the lines show
@@ -152,12 +154,19 @@ class ViSpecProposer(EagleProposer):
                 self.runner.requests,
             )
         tables = self._image_tables(req_ids)
-        images = None if tables is None else token_image_inputs(tables, row_of_token, positions)
+        images, read_blocks = None, None
+        if tables is not None:
+            images = token_image_inputs(tables, row_of_token, positions)
+            read_blocks = skip_dropped_blocks(
+                cad.block_table_tensor[:num_rows], tables.dropped_ranges, seq_lens - query_lens, self.block_size
+            )
         inputs_embeds = None
         if mm_embed_inputs is not None and self.supports_mm_inputs:
             mm_embeds, is_mm_embed = mm_embed_inputs
             inputs_embeds = self.model.embed_input_ids(input_ids, mm_embeds, is_mm_embed[:num_tokens])
-        last_hidden, hidden = self._forward(cad, input_ids, positions, target_hidden_states, images, inputs_embeds)
+        last_hidden, hidden = self._forward(
+            cad, read_blocks, input_ids, positions, target_hidden_states, images, inputs_embeds
+        )
         if num_speculative_tokens == 0:  # dynamic speculation chose no drafts: the pass above kept the KV in sync
             return torch.empty(num_rows, 0, dtype=torch.int64, device=device)
         draft_ids, draft_probs = self._sample_draft_tokens(last_hidden[sample_index], sampling_metadata)
@@ -179,7 +188,7 @@ class ViSpecProposer(EagleProposer):
                 positions, cad, num_rows, num_rows, self.block_size
             )
             last_hidden, hidden = self._forward(
-                cad, all_ids[-1].to(input_ids.dtype), positions, hidden, images, draft_index=step
+                cad, read_blocks, all_ids[-1].to(input_ids.dtype), positions, hidden, images, draft_index=step
             )
             draft_ids, draft_probs = self._sample_draft_tokens(last_hidden, sampling_metadata)
             all_ids.append(draft_ids)
@@ -192,10 +201,22 @@ class ViSpecProposer(EagleProposer):
             self.recorder.record_proposal(req_ids, drafts)
         return drafts
 
-    def _forward(self, cad, input_ids, positions, hidden_states, images, inputs_embeds=None, draft_index=0):
-        """One draft forward over `cad`'s query tokens, with vLLM's attention metadata for the draft layer."""
+    def _forward(
+        self, cad, read_blocks, input_ids, positions, hidden_states, images, inputs_embeds=None, draft_index=0
+    ):
+        """One draft forward over `cad`'s query tokens, with vLLM's attention metadata for the draft layer.
+
+        read_blocks: (block table, keys taken out per row) from `skip_dropped_blocks`, or None: the kernel reads
+        the keys through that table; the KV write still goes to `cad`'s slots.
+        """
         num_tokens = input_ids.shape[0]
-        _, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(cad, draft_index=draft_index)
+        read_cad = cad
+        if read_blocks is not None:
+            block_table, skipped = read_blocks
+            num_rows = block_table.shape[0]
+            seq_lens = cad.seq_lens[:num_rows] - skipped.to(cad.seq_lens.dtype)
+            read_cad = replace(cad, seq_lens=seq_lens, block_table_tensor=block_table)
+        _, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(read_cad, draft_index=draft_index)
         with set_forward_context(
             per_layer_metadata,
             self.vllm_config,
