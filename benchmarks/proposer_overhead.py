@@ -18,14 +18,17 @@ batch size by default, interleaved across batch sizes so a burst of load from ot
 a batch size's steps, then a few one-request rounds for prefill samples. Reported: medians over the steps.
 On a shared machine trust the CPU-time columns where they disagree with the wall-clock ones.
 
-    .venv/bin/python benchmarks/proposer_overhead.py            # tiny + medium, ~8 min on 2 cores
+    .venv/bin/python benchmarks/proposer_overhead.py            # tiny, medium, hd128: ~10 min on 2 cores
     .venv/bin/python benchmarks/proposer_overhead.py --quick    # tiny only, ~2 min
 
-Sizes: "tiny" is the factory target (hidden 128, 4 heads, MLP 256); "medium" is the same target widened to
-hidden 1024 (16 heads, MLP 2816, 1 layer; built here with the factory's seeded weights), so the draft has
-hidden 1024 too. Tiny drafts are dominated by fixed per-call costs; the medium one shows how costs scale
-with the KV read per step. Results: a table on stdout, `results/proposer_overhead.json`,
-`results/proposer_overhead.png` and both proposers' profiles in `results/proposer_overhead_profile.txt`.
+Sizes: "tiny" is the factory target (hidden 128, 4 heads of 32, MLP 256); "medium" is the same target widened
+to hidden 1024 (16 heads of 64, MLP 2816, 1 layer; built here with the factory's seeded weights), "hd128" the
+same with 8 heads of 128, the head size of the 7B targets. The draft matches each (MHA, as the official drafts).
+The ViSpec draft's heads are one flag coordinate wider in vLLM (CPU_ATTN sizes: 32 -> 64, 64 -> 80,
+128 -> 160), so its attention reads more per key than EAGLE's, and fewer keys (whole dropped image blocks are
+skipped). Tiny drafts are dominated by fixed per-call costs. Results: a table on stdout,
+`results/proposer_overhead.json`, `results/proposer_overhead.png` and both proposers' profiles in
+`results/proposer_overhead_profile.txt`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class TextSize:
 SIZES: dict[str, TextSize | None] = {
     "tiny": None,  # the factory target as built
     "medium": TextSize(hidden=1024, heads=16, kv_heads=4, intermediate=2816, layers=1, mrope_section=(8, 12, 12)),
+    # the head size of the 7B targets (128): the one that decides how much the flag coordinate costs
+    "hd128": TextSize(hidden=1024, heads=8, kv_heads=2, intermediate=2816, layers=1, mrope_section=(16, 24, 24)),
 }
 TARGET_MARKER = "proposer_overhead_target.json"
 PROCESSOR_FILES = ("chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")

@@ -68,7 +68,7 @@ def test_token_inputs_place_compressed_tokens_and_global_features():
     assert inputs.is_compressed.tolist() == [False, False, True, True, False, False, True, True, False, False]
     compressed = inputs.compressed_token[:, 0].tolist()
     assert compressed[2:4] == [10.0, 11.0] and compressed[6:8] == [20.0, 21.0]
-    g = inputs.global_feature[:, 0].tolist()
+    g = inputs.global_term[:, 0].tolist()
     assert g == [0.0, 0.0, 0.0, 0.0, 12.0, 12.0, 12.0, 12.0, 22.0, 0.0]
     assert inputs.is_dropped.tolist() == [False, True, False, False, False, False, False, False, False, False]
     every_slot = torch.arange(17)
@@ -84,7 +84,7 @@ def test_chain_inputs_carry_the_latest_global_feature():
     tables = store.tables(["a", "b"])
     for positions, expected in (([7, 3], [12.0, 0.0]), ([15, 40], [22.0, 0.0]), ([6, 0], [0.0, 0.0])):
         inputs = chain_image_inputs(tables, torch.tensor(positions))
-        assert inputs.global_feature[:, 0].tolist() == expected
+        assert inputs.global_term[:, 0].tolist() == expected
         assert inputs.is_compressed is None and inputs.is_dropped is None
 
 

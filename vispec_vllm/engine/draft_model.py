@@ -7,9 +7,10 @@ vLLM shares the target's embedding and `lm_head` (`has_own_embed_tokens` / `has_
 Linear layers are tensor-parallel like vLLM's own EAGLE drafts; the image adaptor is replicated (it runs
 once per image, off the decode path).
 
-Official checkpoint keys map onto this module as `model.<key>`, with q/k/v and gate/up stacked:
-`layers.0.self_attn.{q,k,v}_proj` -> `layers.0.self_attn.qkv_proj`, `layers.0.mlp.{gate,up}_proj` ->
-`layers.0.mlp.gate_up_proj`.
+Official checkpoint keys map onto this module as `model.<key>`, with q/k/v and gate/up stacked
+(`layers.0.self_attn.{q,k,v}_proj` -> `qkv_proj`, `layers.0.mlp.{gate,up}_proj` -> `gate_up_proj`), the
+attention weights widened (`ViSpecAttention.widen_checkpoint`) and `fc`/`img_fc` folded into `fused_fc` and
+`global_proj` (`ViSpecModel.fold_input_fusion`), all at load time.
 """
 
 from __future__ import annotations
@@ -149,7 +150,14 @@ class ViSpecDecoderLayer(nn.Module):
 
 
 class ViSpecModel(nn.Module):
-    """Submodule names are the official checkpoint keys (after stacking)."""
+    """The official draft with its input fusion folded (exact algebra, done once in `fold_input_fusion`):
+
+        fc([e ; img_fc([h ; g])]) = W_e e + W_i (W_h h + W_g g + b_img) + b_fc
+                                  = fused_fc([e ; h]) + global_proj(g)
+
+    with fused_fc = [W_e | W_i W_h], bias b_fc + W_i b_img, and global_proj = W_i W_g. So a token costs what an
+    EAGLE draft's fc costs, plus one add; global_proj runs once per image (`adapt_image`).
+    """
 
     def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
         super().__init__()
@@ -157,16 +165,28 @@ class ViSpecModel(nn.Module):
         # A width-only placeholder: vLLM swaps in the target's embedding (checking only the width), so the
         # draft never allocates its own [V, H] copy.
         self.embed_tokens = nn.Embedding(1, hidden)
-        self.fc = ReplicatedLinear(2 * hidden, hidden, bias=config.bias, prefix=f"{prefix}.fc")
-        self.img_fc = ReplicatedLinear(2 * hidden, hidden, bias=config.bias, prefix=f"{prefix}.img_fc")
+        self.fused_fc = ReplicatedLinear(2 * hidden, hidden, bias=config.bias, prefix=f"{prefix}.fused_fc")
+        self.global_proj = ReplicatedLinear(hidden, hidden, bias=False, prefix=f"{prefix}.global_proj")
         self.imadpt: ImgAdaptor | None = None  # created by load_weights when the checkpoint has `imadpt.q`
         self.layers = nn.ModuleList([ViSpecDecoderLayer(config, vllm_config, layer_name, prefix=f"{prefix}.layers.0")])
 
-    def fuse_inputs(self, hidden_states: torch.Tensor, embeds: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """A text slot's layer input: fc([e ; img_fc([h ; g])]) (as `ViSpecDraft.fuse_inputs`)."""
-        image_fused, _ = self.img_fc(torch.cat([hidden_states, g], dim=-1))
-        fused, _ = self.fc(torch.cat([embeds, image_fused], dim=-1))
-        return fused
+    def fuse_inputs(
+        self, hidden_states: torch.Tensor, embeds: torch.Tensor, global_term: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[T, H] each -> [T, H]: a text slot's layer input; global_term = global_proj(g) (None: g = 0)."""
+        fused, _ = self.fused_fc(torch.cat([embeds, hidden_states], dim=-1))
+        return fused if global_term is None else fused + global_term
+
+    @staticmethod
+    def fold_input_fusion(state: dict[str, torch.Tensor], hidden: int) -> None:
+        """Replace fc.* and img_fc.* of an official state dict by fused_fc.* and global_proj.weight, in place."""
+        fc_w, img_w = state.pop("fc.weight").double(), state.pop("img_fc.weight").double()  # [H, 2H] each
+        w_e, w_i = fc_w[:, :hidden], fc_w[:, hidden:]
+        w_h, w_g = img_w[:, :hidden], img_w[:, hidden:]
+        state["fused_fc.weight"] = torch.cat([w_e, w_i @ w_h], dim=1)
+        state["global_proj.weight"] = w_i @ w_g
+        if "fc.bias" in state:
+            state["fused_fc.bias"] = state.pop("fc.bias").double() + w_i @ state.pop("img_fc.bias").double()
 
 
 class ViSpecDraftForVLLM(nn.Module):
@@ -208,8 +228,11 @@ class ViSpecDraftForVLLM(nn.Module):
 
     @torch.no_grad()
     def adapt_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """[N, H] one image's input embeddings -> [num_q, H] (compressed tokens, then the global feature)."""
-        return self.model.imadpt(image_embeds[None])[0]
+        """[N, H] one image's input embeddings -> [num_q, H]: the num_q-1 compressed tokens, then the global
+        feature g already projected into the fused input (global_proj(g))."""
+        adapted = self.model.imadpt(image_embeds[None])[0]
+        global_term, _ = self.model.global_proj(adapted[-1:])
+        return torch.cat([adapted[:-1], global_term])
 
     def forward(
         self,
@@ -227,11 +250,8 @@ class ViSpecDraftForVLLM(nn.Module):
         model = self.model
         embeds = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         images = None if vispec_step is None else vispec_step.images
-        if images is None:
-            global_feature = hidden_states.new_zeros(hidden_states.shape)
-        else:
-            global_feature = images.global_feature.to(hidden_states.dtype)
-        x = model.fuse_inputs(hidden_states, embeds.to(hidden_states.dtype), global_feature)  # [T, H]
+        global_term = None if images is None else images.global_term
+        x = model.fuse_inputs(hidden_states, embeds, global_term)  # [T, H]
         dropped = None
         if images is not None and images.is_compressed is not None:
             x = torch.where(images.is_compressed[:, None], images.compressed_token.to(x.dtype), x)
@@ -245,15 +265,15 @@ class ViSpecDraftForVLLM(nn.Module):
         num_q = validate_state_dict(self.vispec_config, state, source=f"{self.source} (weights)")
         state.pop("embed_tokens.weight")  # a frozen copy of the target's, which vLLM shares instead
         model = self.model
-        reference = model.fc.weight
+        hidden = self.vispec_config.hidden_size
+        reference = model.fused_fc.weight
         if num_q is not None:
             model.imadpt = ImgAdaptor(self.vispec_config, num_q).to(reference.device, reference.dtype)
-        else:  # stage-1 EAGLE checkpoint: img_fc([h ; g]) = h, g stays zero
-            hidden = self.vispec_config.hidden_size
-            identity = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
-            state["img_fc.weight"] = identity
-            if model.img_fc.bias is not None:
+        else:  # stage-1 EAGLE checkpoint: img_fc([h ; g]) = h (the official initialisation), g stays zero
+            state["img_fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+            if self.vispec_config.bias:
                 state["img_fc.bias"] = torch.zeros(hidden)
+        model.fold_input_fusion(state, hidden)
         model.layers[0].self_attn.widen_checkpoint(state, "layers.0.self_attn.", self.vispec_config)
         params = dict(model.named_parameters())
         loaded = set()

@@ -14,7 +14,9 @@ class TokenImageInputs:
     """Per query token (T of them): which image feature it gets. The slot fields are None in a chain step,
     whose tokens (drafted tokens, after the prompt) are never image slots."""
 
-    global_feature: torch.Tensor  # [T, H]: g of the latest image that ended before the token's slot (zeros if none)
+    # [T, H]: the adaptor's global row (for the vLLM draft: g already projected into the fused input) of the
+    # latest image that ended before the token's slot, zeros if none
+    global_term: torch.Tensor
     is_compressed: torch.Tensor | None = None  # [T] bool: slot is one of the last num_q-1 slots of an image
     compressed_token: torch.Tensor | None = None  # [T, H]: adaptor output for compressed slots (garbage elsewhere)
     is_dropped: torch.Tensor | None = None  # [T] bool: any other image slot (hidden from every query)
@@ -39,8 +41,8 @@ def token_image_inputs(
     # Images are sorted by position, so the ones that ended before slot p form a prefix of length n_done.
     n_done = (slot > last).sum(dim=-1)  # [T]
     latest = (n_done - 1).clamp(min=0)
-    global_feature = adaptor[row_of_token, latest, num_q - 1]
-    global_feature = global_feature * (n_done > 0)[:, None].to(global_feature.dtype)
+    global_term = adaptor[row_of_token, latest, num_q - 1]
+    global_term = global_term * (n_done > 0)[:, None].to(global_term.dtype)
 
     query_index = slot - (last - (num_q - 2))  # index into the compressed tokens, valid in [0, num_q-2]
     compressed = (query_index >= 0) & (slot <= last)  # [T, M]
@@ -48,7 +50,7 @@ def token_image_inputs(
     image_of_slot = compressed.int().argmax(dim=-1)
     chosen_query = query_index[tokens, image_of_slot].clamp(0, num_q - 2)
     return TokenImageInputs(
-        global_feature=global_feature,
+        global_term=global_term,
         is_compressed=compressed.any(dim=-1),
         compressed_token=adaptor[row_of_token, image_of_slot, chosen_query],
         is_dropped=dropped.any(dim=-1),
@@ -56,8 +58,8 @@ def token_image_inputs(
 
 
 def chain_image_inputs(tables: BatchImageTables, positions: torch.Tensor) -> TokenImageInputs:
-    """Row b's drafted token at `positions[b]` (after all of the row's images): only g, of its latest image."""
+    """Row b's drafted token at `positions[b]` (after all of the row's images): only its latest image's global row."""
     n_done = (positions[:, None] > tables.last_slot).sum(dim=-1)  # [B]
     rows = torch.arange(positions.shape[0], device=positions.device)
-    global_feature = tables.adaptor_output[rows, (n_done - 1).clamp(min=0), tables.num_q - 1]
-    return TokenImageInputs(global_feature=global_feature * (n_done > 0)[:, None].to(global_feature.dtype))
+    global_term = tables.adaptor_output[rows, (n_done - 1).clamp(min=0), tables.num_q - 1]
+    return TokenImageInputs(global_term=global_term * (n_done > 0)[:, None].to(global_term.dtype))
