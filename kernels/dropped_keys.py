@@ -73,10 +73,10 @@ class FlaggedHeads:
         return torch.where(dropped[:, None, None], dropped_key, key)
 
 
-def skip_dropped_blocks(
-    block_table: torch.Tensor,  # [B, max_blocks] int
+def dropped_block_order(
     dropped_spans: torch.Tensor,  # [B, M, 2] int64 half-open [start, end) slot spans that no query may see
     query_start: torch.Tensor,  # [B] int64 raw position of each row's first query token
+    num_blocks: int,  # block-table width
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Take whole dropped blocks out of each row's key sequence, so the kernel does not even read them.
@@ -84,13 +84,12 @@ def skip_dropped_blocks(
     A block is taken out when all its slots are dropped and it ends at or before the row's first query: then
     every query of the row sees all of it (causality never cuts it) and all of it is masked anyway. Keys keep
     the RoPE of their raw positions and the kernel only aligns queries to the end of the key sequence, so
-    shortening the front of the sequence by whole blocks changes nothing but the work. Returns the block table
-    with the taken-out blocks moved past the row's end ([B, max_blocks]) and the keys taken out per row ([B]).
-    The KV writes (slot mapping) keep using the real block table.
+    shortening the front of the sequence by whole blocks changes nothing but the work. Returns the column
+    order that moves taken-out blocks past each row's end (`block_table.gather(1, order)`, [B, num_blocks])
+    and the keys taken out per row ([B]). The KV writes (slot mapping) keep using the real block table.
     """
-    block_start = torch.arange(block_table.shape[1], device=block_table.device) * block_size  # [max_blocks]
+    block_start = torch.arange(num_blocks, device=dropped_spans.device) * block_size  # [num_blocks]
     start, end = dropped_spans[..., :1], dropped_spans[..., 1:]  # [B, M, 1]
-    inside = ((block_start >= start) & (block_start + block_size <= end)).any(dim=1)  # [B, max_blocks]
+    inside = ((block_start >= start) & (block_start + block_size <= end)).any(dim=1)  # [B, num_blocks]
     skip = inside & (block_start + block_size <= query_start[:, None])
-    kept_first = torch.argsort(skip.to(torch.int8), dim=1, stable=True)
-    return block_table.gather(1, kept_first), skip.sum(dim=1) * block_size
+    return torch.argsort(skip.to(torch.int8), dim=1, stable=True), skip.sum(dim=1) * block_size

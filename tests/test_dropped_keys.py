@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from vispec_vllm.kernels.dropped_keys import FlaggedHeads, skip_dropped_blocks
+from vispec_vllm.kernels.dropped_keys import FlaggedHeads, dropped_block_order
 
 CPU_ATTN_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32 CPU_ATTN
 
@@ -105,7 +105,8 @@ def test_skipping_whole_dropped_blocks_changes_no_output():
         k[..., :head_dim] = torch.randn(length, heads, head_dim)
         cache[0, slots], cache[1, slots] = flags.hide(k, dropped), torch.randn(length, heads, flags.padded_dim)
     query_start = torch.tensor([s - q for s, q in zip(seq_lens, query_lens, strict=True)])
-    table, skipped = skip_dropped_blocks(block_table, spans, query_start, block_size)
+    order, skipped = dropped_block_order(spans, query_start, block_table.shape[1], block_size)
+    table = block_table.gather(1, order)
     # row 0: blocks [4, 8), [8, 12), [12, 16) are all dropped and end before the first query (19); [16, 20) is not
     assert skipped.tolist() == [12, 0]
     assert table[0].tolist() == [7, 0, 5, 2, 9, 4] and table[1].tolist() == block_table[1].tolist()
@@ -121,5 +122,5 @@ def test_blocks_the_queries_may_cut_are_kept():
     block_table = torch.arange(6, dtype=torch.int32)[None]
     spans = torch.tensor([[[0, 24]]])
     # queries start at 10: only [0, 4) and [4, 8) end before them
-    table, skipped = skip_dropped_blocks(block_table, spans, torch.tensor([10]), block_size=4)
-    assert skipped.tolist() == [8] and table[0].tolist() == [2, 3, 4, 5, 0, 1]
+    order, skipped = dropped_block_order(spans, torch.tensor([10]), num_blocks=6, block_size=4)
+    assert skipped.tolist() == [8] and block_table.gather(1, order)[0].tolist() == [2, 3, 4, 5, 0, 1]

@@ -17,7 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from vispec_vllm.kernels.dropped_keys import dropped_block_order
 
 IMAGE_MODALITIES = ("image", "video")
 
@@ -41,6 +44,15 @@ class RequestImages:
 
 
 @dataclass
+class AfterImages:
+    """What a batch whose queries all come after their rows' images needs (decode steps): fixed per batch."""
+
+    global_term: torch.Tensor  # [B, H] global row of each row's last image (zeros: no image)
+    block_order: torch.Tensor  # [B, num_blocks] `dropped_block_order` with every dropped block behind the queries
+    skipped_keys: torch.Tensor  # [B]
+
+
+@dataclass
 class BatchImageTables:
     """Padded per-row image tables for one drafter batch (B rows, M = max images in a row, >= 1)."""
 
@@ -48,6 +60,25 @@ class BatchImageTables:
     last_slot: torch.Tensor  # [B, M] int64
     adaptor_output: torch.Tensor  # [B, M, num_q, H] (zeros where unknown)
     num_q: int
+    last_image_slot: np.ndarray  # [B] int64 on the host: each row's last image slot (-1: no image)
+    _after_images: dict[tuple[int, int], AfterImages] = field(default_factory=dict, repr=False)
+
+    def all_images_before(self, first_query_slot: np.ndarray) -> bool:
+        """Host check: does every row's first query slot ([B]) come after all of the row's images?"""
+        return bool((first_query_slot > self.last_image_slot).all())
+
+    def after_images(self, num_blocks: int, block_size: int) -> AfterImages:
+        """The decode-step inputs, built once per batch (the tables are rebuilt when the batch changes)."""
+        key = (num_blocks, block_size)
+        if key not in self._after_images:
+            num_images = (self.last_slot < _PAD_SLOT).sum(dim=1)  # [B]
+            rows = torch.arange(num_images.shape[0], device=num_images.device)
+            last_row = self.adaptor_output[rows, (num_images - 1).clamp(min=0), self.num_q - 1]
+            global_term = last_row * (num_images > 0)[:, None].to(last_row.dtype)
+            behind_everything = torch.full_like(num_images, num_blocks * block_size)
+            order, skipped = dropped_block_order(self.dropped_ranges, behind_everything, num_blocks, block_size)
+            self._after_images[key] = AfterImages(global_term, order, skipped)
+        return self._after_images[key]
 
     @property
     def dropped_ranges(self) -> torch.Tensor:
@@ -179,4 +210,5 @@ class ImageStateStore:
                 last[b, m] = span.last_slot
                 if span.adaptor_output is not None:
                     adaptor[b, m] = span.adaptor_output
-        return BatchImageTables(first.to(self.device), last.to(self.device), adaptor, self.num_q)
+        last_image_slot = np.array([max((s.last_slot for s in spans), default=-1) for spans in rows], dtype=np.int64)
+        return BatchImageTables(first.to(self.device), last.to(self.device), adaptor, self.num_q, last_image_slot)

@@ -25,9 +25,14 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
-from vispec_vllm.engine.step_inputs import ViSpecStepInputs, chain_image_inputs, token_image_inputs
+from vispec_vllm.engine.step_inputs import (
+    TokenImageInputs,
+    ViSpecStepInputs,
+    chain_image_inputs,
+    token_image_inputs,
+)
 from vispec_vllm.engine.validation import check_draft_against_target
-from vispec_vllm.kernels.dropped_keys import skip_dropped_blocks
+from vispec_vllm.kernels.dropped_keys import dropped_block_order
 from vispec_vllm.model_names import is_vispec_architecture
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger, so the lines show
@@ -154,11 +159,10 @@ class ViSpecProposer(EagleProposer):
                 self.runner.requests,
             )
         tables = self._image_tables(req_ids)
-        images, read_blocks = None, None
+        images = chain_images = read_blocks = None
         if tables is not None:
-            images = token_image_inputs(tables, row_of_token, positions)
-            read_blocks = skip_dropped_blocks(
-                cad.block_table_tensor[:num_rows], tables.dropped_ranges, seq_lens - query_lens, self.block_size
+            images, chain_images, read_blocks = self._image_inputs(
+                tables, cad.block_table_tensor[:num_rows], row_of_token, positions, seq_lens - query_lens, sample_index
             )
         inputs_embeds = None
         if mm_embed_inputs is not None and self.supports_mm_inputs:
@@ -175,7 +179,7 @@ class ViSpecProposer(EagleProposer):
         # 3. chain: one more token per row per step, fed the draft's own hidden state, with the same g
         positions = positions[sample_index]
         hidden = hidden[sample_index]
-        images = None if tables is None else chain_image_inputs(tables, positions + 1)
+        images = chain_images
         cad.num_actual_tokens = num_rows
         cad.max_query_len = 1
         cad.query_start_loc = self.arange[: num_rows + 1]
@@ -231,6 +235,21 @@ class ViSpecProposer(EagleProposer):
                 inputs_embeds=inputs_embeds,
                 vispec_step=ViSpecStepInputs(images=images),
             )
+
+    def _image_inputs(self, tables, block_table, row_of_token, positions, query_start, sample_index):
+        """Image inputs of the first pass and of the chain steps, and the blocks the draft attention reads."""
+        num_rows, num_blocks = block_table.shape
+        if tables.all_images_before(self.runner.input_batch.num_computed_tokens_cpu[:num_rows]):
+            # decode: every query is a text slot after its row's images; all of this is fixed per batch
+            after = tables.after_images(num_blocks, self.block_size)
+            images = TokenImageInputs(global_term=after.global_term[row_of_token])
+            chain_images = TokenImageInputs(global_term=after.global_term)
+            order, skipped = after.block_order, after.skipped_keys
+        else:
+            images = token_image_inputs(tables, row_of_token, positions)
+            chain_images = chain_image_inputs(tables, positions[sample_index] + 1)
+            order, skipped = dropped_block_order(tables.dropped_ranges, query_start, num_blocks, self.block_size)
+        return images, chain_images, (block_table.gather(1, order), skipped)
 
     def _image_tables(self, req_ids: list[str]) -> BatchImageTables | None:
         if self.image_states is None:
