@@ -18,7 +18,8 @@ coordinates and the q bias gets +a on the flag coordinate; RoPE rotates only the
 So the GEMMs emit q', k', v' directly and the only op added per forward is `hide` on the keys of dropped slots.
 The draft KV sits 1:1 in the target's slots, in vLLM's own layout, read and written by vLLM's kernels: prefix
 caching, chunked prefill and the scheduler need nothing special. The cost is the wider head: the smallest
-size the platform's backend accepts (CPU_ATTN: 32 -> 64, 64 -> 80, 128 -> 160; FlashAttention: +8).
+size the platform's backend accepts (CPU_ATTN: 32 -> 64, 64 -> 80, 128 -> 160; FlashAttention: +8; FlashInfer:
+the next power of two).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class FlaggedHeads:
 
     @classmethod
     def for_backend(cls, head_dim: int, scale: float, supports_head_size: Callable[[int], bool]) -> FlaggedHeads:
-        """The smallest accepted head size above `head_dim` (the flag needs one spare coordinate)."""
-        padded = next((size for size in range(head_dim + 1, 4 * head_dim + 65) if supports_head_size(size)), None)
+        """The smallest accepted multiple of 8 above `head_dim` (the flag needs one spare coordinate; kernels
+        want aligned heads, and a backend that pads heads to a power of two pays that anyway)."""
+        sizes = range(head_dim // 8 * 8 + 8, 4 * head_dim + 65, 8)
+        padded = next((size for size in sizes if supports_head_size(size)), None)
         if padded is None:
             raise ValueError(
                 f"the attention backend accepts no head size above the draft's {head_dim}: ViSpec needs one spare "

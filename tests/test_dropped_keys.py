@@ -69,6 +69,11 @@ def test_widening_zero_pads_each_head_and_flags_the_query_bias():
 def test_padded_size_is_the_smallest_the_backend_accepts(head_dim, padded):
     assert FlaggedHeads.for_backend(head_dim, 1.0, CPU_ATTN_SIZES.__contains__).padded_dim == padded
     assert FlaggedHeads.for_backend(head_dim, 1.0, lambda size: size % 8 == 0).padded_dim == head_dim + 8
+    assert FlaggedHeads.for_backend(head_dim, 1.0, [64, 128, 256, 512, 1024].__contains__).padded_dim == 2 * head_dim
+
+
+def test_padded_size_is_aligned_even_for_backends_that_take_any_size():
+    assert FlaggedHeads.for_backend(36, 1.0, lambda size: size >= 32).padded_dim == 40
 
 
 def test_no_wider_head_size_is_a_clear_error():
