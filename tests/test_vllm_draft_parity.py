@@ -76,6 +76,10 @@ def test_drafts_equal_reference_at_prefill_decode_images_and_cache_hit(qwen, rec
     repeat = [r for r, spans in recorded.image_spans.items() if spans and spans[0] == one_image_key][-1]
     offset, length, _ = one_image_key
     assert first_position[repeat] > offset + length, "the repeat's image should lie inside its prefix-cache hit"
+    # 64-token images, 32-token blocks: after prefill the draft attention reads no whole dropped block
+    decode_skips = [c.skipped_keys[r] for c in recorded.calls for r in c.req_ids
+                    if recorded.image_spans[r] and c.positions[r][0] >= recorded.prompt_lengths[r]]
+    assert decode_skips and min(decode_skips) >= 32
 
 
 def test_changing_the_adaptor_changes_the_reference_on_image_rows_only(qwen, recorded):

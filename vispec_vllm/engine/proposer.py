@@ -164,6 +164,8 @@ class ViSpecProposer(EagleProposer):
             images, chain_images, read_blocks = self._image_inputs(
                 tables, cad.block_table_tensor[:num_rows], row_of_token, positions, seq_lens - query_lens, sample_index
             )
+            if self.recorder is not None:
+                self.recorder.record_skipped_keys(req_ids, read_blocks[1])
         inputs_embeds = None
         if mm_embed_inputs is not None and self.supports_mm_inputs:
             mm_embeds, is_mm_embed = mm_embed_inputs

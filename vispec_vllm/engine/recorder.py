@@ -19,6 +19,7 @@ class ProposalCall:
     positions: dict[str, list[int]]  # valid (non-rejected) target positions of each row, in order
     next_token_ids: dict[str, int]  # the token paired with each row's last valid position (EAGLE shift)
     drafts: dict[str, list[int]] = field(default_factory=dict)
+    skipped_keys: dict[str, int] = field(default_factory=dict)  # dropped keys the draft attention did not read
 
 
 @dataclass
@@ -66,6 +67,9 @@ class ProposalRecorder:
         for key, value in encoder_outputs.items():
             if key not in self.image_embeddings:
                 self.image_embeddings[key] = value.detach().float().cpu().clone()
+
+    def record_skipped_keys(self, req_ids: Sequence[str], skipped: torch.Tensor) -> None:
+        self.calls[-1].skipped_keys = dict(zip(req_ids, skipped.cpu().tolist(), strict=True))
 
     def record_proposal(self, req_ids: Sequence[str], drafts: torch.Tensor) -> None:
         rows = drafts.cpu().tolist()
