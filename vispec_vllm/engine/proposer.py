@@ -212,7 +212,7 @@ class ViSpecProposer(EagleProposer):
     ):
         """One draft forward over `cad`'s query tokens, with vLLM's attention metadata for the draft layer.
 
-        read_blocks: (block table, keys taken out per row) from `skip_dropped_blocks`, or None: the kernel reads
+        read_blocks: (block table, keys taken out per row) from `dropped_block_order`, or None: the kernel reads
         the keys through that table; the KV write still goes to `cad`'s slots.
         """
         num_tokens = input_ids.shape[0]
