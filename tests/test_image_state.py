@@ -86,6 +86,9 @@ def test_chain_inputs_carry_the_latest_global_feature():
         inputs = chain_image_inputs(tables, torch.tensor(positions))
         assert inputs.global_term[:, 0].tolist() == expected
         assert inputs.is_compressed is None and inputs.is_dropped is None
+    after = tables.after_images(num_blocks=8, block_size=2)  # decode: every query after every image
+    assert after.global_term[:, 0].tolist() == [22.0, 0.0]
+    assert after.skipped_keys.tolist() == [2, 0]  # of dropped [2, 5) and [11, 13) only block [2, 4) is whole
 
 
 def test_tables_are_rebuilt_only_when_the_batch_or_state_changes():

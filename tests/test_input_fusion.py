@@ -26,3 +26,14 @@ def test_folded_fusion_equals_the_official_two_linears(bias):
     # g = 0 (no image yet) needs no global term at all
     official_no_image = fc(torch.cat([e, img_fc(torch.cat([h, torch.zeros_like(g)], dim=-1))], dim=-1))
     torch.testing.assert_close(fused, official_no_image, rtol=1e-12, atol=1e-12)
+
+
+def test_a_stage1_checkpoint_without_img_fc_folds_to_its_own_fc():
+    torch.manual_seed(0)
+    hidden = 8
+    fc_weight, fc_bias = torch.randn(hidden, 2 * hidden), torch.randn(hidden)
+    state = {"fc.weight": fc_weight.clone(), "fc.bias": fc_bias.clone()}
+    ViSpecModel.fold_input_fusion(state, hidden)
+    torch.testing.assert_close(state["fused_fc.weight"], fc_weight.double(), rtol=0, atol=0)
+    torch.testing.assert_close(state["fused_fc.bias"], fc_bias.double(), rtol=0, atol=0)
+    assert not state["global_proj.weight"].any()

@@ -179,14 +179,18 @@ class ViSpecModel(nn.Module):
 
     @staticmethod
     def fold_input_fusion(state: dict[str, torch.Tensor], hidden: int) -> None:
-        """Replace fc.* and img_fc.* of an official state dict by fused_fc.* and global_proj.weight, in place."""
-        fc_w, img_w = state.pop("fc.weight").double(), state.pop("img_fc.weight").double()  # [H, 2H] each
+        """Replace fc.* and img_fc.* of an official state dict by fused_fc.* and global_proj.weight, in place.
+        A stage-1 checkpoint has no img_fc: it is the official initialisation, img_fc([h ; g]) = h."""
+        fc_w = state.pop("fc.weight").double()  # [H, 2H]
+        img_w = state.pop("img_fc.weight", None)  # [H, 2H]
+        img_w = torch.eye(hidden, 2 * hidden, dtype=torch.float64) if img_w is None else img_w.double()
         w_e, w_i = fc_w[:, :hidden], fc_w[:, hidden:]
         w_h, w_g = img_w[:, :hidden], img_w[:, hidden:]
         state["fused_fc.weight"] = torch.cat([w_e, w_i @ w_h], dim=1)
         state["global_proj.weight"] = w_i @ w_g
         if "fc.bias" in state:
-            state["fused_fc.bias"] = state.pop("fc.bias").double() + w_i @ state.pop("img_fc.bias").double()
+            img_b = state.pop("img_fc.bias", None)
+            state["fused_fc.bias"] = state.pop("fc.bias").double() + (0 if img_b is None else w_i @ img_b.double())
 
 
 class ViSpecDraftForVLLM(nn.Module):
@@ -265,15 +269,10 @@ class ViSpecDraftForVLLM(nn.Module):
         num_q = validate_state_dict(self.vispec_config, state, source=f"{self.source} (weights)")
         state.pop("embed_tokens.weight")  # a frozen copy of the target's, which vLLM shares instead
         model = self.model
-        hidden = self.vispec_config.hidden_size
         reference = model.fused_fc.weight
-        if num_q is not None:
+        if num_q is not None:  # a stage-1 EAGLE checkpoint has no adaptor: g stays zero
             model.imadpt = ImgAdaptor(self.vispec_config, num_q).to(reference.device, reference.dtype)
-        else:  # stage-1 EAGLE checkpoint: img_fc([h ; g]) = h (the official initialisation), g stays zero
-            state["img_fc.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
-            if self.vispec_config.bias:
-                state["img_fc.bias"] = torch.zeros(hidden)
-        model.fold_input_fusion(state, hidden)
+        model.fold_input_fusion(state, self.vispec_config.hidden_size)
         model.layers[0].self_attn.widen_checkpoint(state, "layers.0.self_attn.", self.vispec_config)
         params = dict(model.named_parameters())
         loaded = set()

@@ -63,6 +63,13 @@ class BatchImageTables:
     last_image_slot: np.ndarray  # [B] int64 on the host: each row's last image slot (-1: no image)
     _after_images: dict[tuple[int, int], AfterImages] = field(default_factory=dict, repr=False)
 
+    def global_term(self, row_of_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[T, H]: the global row of the latest image of row `row_of_token[t]` that ended before slot
+        `positions[t]` (zeros if none). Images are sorted, so those that ended form a prefix of the row's."""
+        num_done = (positions[:, None] > self.last_slot[row_of_token]).sum(dim=-1)  # [T]
+        latest = self.adaptor_output[row_of_token, (num_done - 1).clamp(min=0), self.num_q - 1]
+        return latest * (num_done > 0)[:, None].to(latest.dtype)
+
     def all_images_before(self, first_query_slot: np.ndarray) -> bool:
         """Host check: does every row's first query slot ([B]) come after all of the row's images?"""
         return bool((first_query_slot > self.last_image_slot).all())
@@ -71,11 +78,9 @@ class BatchImageTables:
         """The decode-step inputs, built once per batch (the tables are rebuilt when the batch changes)."""
         key = (num_blocks, block_size)
         if key not in self._after_images:
-            num_images = (self.last_slot < _PAD_SLOT).sum(dim=1)  # [B]
-            rows = torch.arange(num_images.shape[0], device=num_images.device)
-            last_row = self.adaptor_output[rows, (num_images - 1).clamp(min=0), self.num_q - 1]
-            global_term = last_row * (num_images > 0)[:, None].to(last_row.dtype)
-            behind_everything = torch.full_like(num_images, num_blocks * block_size)
+            rows = torch.arange(self.last_slot.shape[0], device=self.last_slot.device)
+            behind_everything = torch.full_like(rows, _PAD_SLOT)  # a query slot after every image and block
+            global_term = self.global_term(rows, behind_everything)
             order, skipped = dropped_block_order(self.dropped_ranges, behind_everything, num_blocks, block_size)
             self._after_images[key] = AfterImages(global_term, order, skipped)
         return self._after_images[key]

@@ -38,19 +38,13 @@ def token_image_inputs(
     adaptor = tables.adaptor_output  # [B, M, num_q, H]
     tokens = torch.arange(positions.shape[0], device=positions.device)
 
-    # Images are sorted by position, so the ones that ended before slot p form a prefix of length n_done.
-    n_done = (slot > last).sum(dim=-1)  # [T]
-    latest = (n_done - 1).clamp(min=0)
-    global_term = adaptor[row_of_token, latest, num_q - 1]
-    global_term = global_term * (n_done > 0)[:, None].to(global_term.dtype)
-
     query_index = slot - (last - (num_q - 2))  # index into the compressed tokens, valid in [0, num_q-2]
     compressed = (query_index >= 0) & (slot <= last)  # [T, M]
     dropped = (slot >= tables.first_slot[row_of_token]) & (query_index < 0)  # [T, M]
     image_of_slot = compressed.int().argmax(dim=-1)
     chosen_query = query_index[tokens, image_of_slot].clamp(0, num_q - 2)
     return TokenImageInputs(
-        global_term=global_term,
+        global_term=tables.global_term(row_of_token, positions),
         is_compressed=compressed.any(dim=-1),
         compressed_token=adaptor[row_of_token, image_of_slot, chosen_query],
         is_dropped=dropped.any(dim=-1),
@@ -59,7 +53,5 @@ def token_image_inputs(
 
 def chain_image_inputs(tables: BatchImageTables, positions: torch.Tensor) -> TokenImageInputs:
     """Row b's drafted token at `positions[b]` (after all of the row's images): only its latest image's global row."""
-    n_done = (positions[:, None] > tables.last_slot).sum(dim=-1)  # [B]
     rows = torch.arange(positions.shape[0], device=positions.device)
-    global_term = tables.adaptor_output[rows, (n_done - 1).clamp(min=0), tables.num_q - 1]
-    return TokenImageInputs(global_term=global_term * (n_done > 0)[:, None].to(global_term.dtype))
+    return TokenImageInputs(global_term=tables.global_term(rows, positions))
