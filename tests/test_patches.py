@@ -3,6 +3,8 @@
 import importlib.metadata
 import sys
 
+import pytest
+
 from vispec_vllm.model_names import VISPEC_ARCHITECTURES
 
 
@@ -67,3 +69,36 @@ def test_v2_runner_check_reports_only_vispec_drafts():
 
     assert V2_REASON in check(fake_config(["EagleQwen2_5_VLForConditionalGeneration"]))
     assert V2_REASON not in check(fake_config(["EagleLlamaForCausalLM"]))
+
+
+def test_cpu_sampling_corrections_are_applied_once_at_worker_start():
+    """Patch 6: on the CPU platform, each time vLLM installs its CPU kernel fallbacks the broken expand is
+    replaced again (vLLM re-installs its own), and the top-k and seeded-sampling wrappers are applied once."""
+    import inspect
+
+    import vllm.v1.sample.ops.topk_topp_sampler as topk_topp_sampler
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    import vispec_vllm
+    from vispec_vllm.engine.cpu_sampling import expand_per_request
+    from vispec_vllm.engine.patches import PATCH_MARK
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        pytest.skip("the corrected fallbacks are vLLM's CPU ones, installed only without Triton-CPU")
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    platform = type(current_platform)
+    vispec_vllm.register()
+    vispec_vllm.register()
+    hook = inspect.getattr_static(platform, "register_triton_kernel_overrides")
+    assert isinstance(hook, classmethod) and getattr(hook.__func__, PATCH_MARK)
+    assert not getattr(hook.__func__.__wrapped__, PATCH_MARK, False)
+    for _ in range(2):
+        current_platform.register_triton_kernel_overrides()
+        assert rejection_sampler.expand_kernel.func is expand_per_request
+        assert rejection_sampler._expand.kernel is rejection_sampler.expand_kernel
+        for owner, name in ((topk_topp_sampler, "apply_top_k_only"), (CPUModelRunner, "sample_tokens")):
+            wrapper = getattr(owner, name)
+            assert getattr(wrapper, PATCH_MARK) and not getattr(wrapper.__wrapped__, PATCH_MARK, False)

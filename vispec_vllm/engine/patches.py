@@ -17,13 +17,33 @@
 5. `ImageMediaIO.load_bytes` reports an image over Pillow's decompression-bomb limit (> 178,956,970 pixels,
    read from the header) as a bad request (HTTP 400) instead of an internal error (500): vLLM checks
    `VLLM_MAX_IMAGE_PIXELS` only after `Image.open`, which raises `DecompressionBombError` first.
+6. On the CPU platform, `register_triton_kernel_overrides` (where a CPU worker installs vLLM's C++ fallbacks
+   for Triton kernels, at worker start, before the model runner exists) is followed by three corrections of
+   vLLM's CPU sampling, each applied only where a probe shows vLLM's own code broken (`cpu_sampling`):
+   a. the rejection sampler's `expand_kernel` fallback (`cpu_triton_utils._expand_kernel_impl`) writes any
+      non-int64 output into an int64 copy it drops, so the per-token temperatures (and top-k, top-p) of a
+      verify step stay uninitialised memory: target rows turn NaN, drafts are rejected and T > 0 output is
+      not the target's distribution. It is replaced, where rejection sampling launches it
+      (`rejection_sampler._expand.kernel`, and the module's `expand_kernel`), by a dtype-preserving expand
+      (`cpu_sampling.expand_per_request`).
+   b. `topk_topp_sampler.apply_top_k_only` (the CPU top-k path) fails on a batch of no rows, which the
+      rejection sampler passes it on every step without drafts (a prefill) once speculation is on: any
+      request with `top_k` stopped the engine. An empty batch is returned unchanged.
+   c. `GPUModelRunner._bookkeeping_sync` (in `sample_tokens`) rewinds the seeded generator of a request
+      whose sample is discarded (a chunk of a prompt) with `Generator.get_offset`, which CPU generators
+      lack: a request with a `seed` and a chunked prompt stopped the engine (with or without speculation).
+      `CPUModelRunner.sample_tokens` holds such a request's generator out of that step instead, so a
+      discarded sample never draws from it (what the GPU rewind achieves).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
+
+from vllm.logger import init_logger
 
 from vispec_vllm.compat import check_vllm_version
 from vispec_vllm.model_names import family_of, is_vispec_architecture
@@ -31,6 +51,8 @@ from vispec_vllm.model_names import family_of, is_vispec_architecture
 PATCH_MARK = "__vispec_patched__"
 V2_REASON = "the ViSpec draft (vispec-vllm drives V1's EAGLE proposer)"
 RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner",)
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's configured logger, so the lines show
 
 
 def apply_patches() -> None:
@@ -40,6 +62,7 @@ def apply_patches() -> None:
     _flatten_vispec_draft_configs()
     _check_vispec_config_in_main_process()
     _reject_decompression_bombs_as_bad_requests()
+    _correct_cpu_sampling_at_worker_start()
 
 
 def _swap_proposer() -> None:
@@ -54,14 +77,18 @@ def _swap_proposer() -> None:
             module.EagleProposer = ViSpecProposer
 
 
-def wrap_method(owner: type, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-    """Replace `owner.name` with `make_wrapper(original)`, once: a wrapped method is marked and left alone."""
-    original = getattr(owner, name)
+def wrap_method(owner: object, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    """Replace `owner.name` with `make_wrapper(original)`, once: a wrapped method is marked and left alone.
+
+    `owner` is a class or a module. A classmethod stays one: its wrapper, like a method's, takes `cls` first.
+    """
+    is_classmethod = isinstance(inspect.getattr_static(owner, name), classmethod)
+    original = getattr(owner, name).__func__ if is_classmethod else getattr(owner, name)
     if getattr(original, PATCH_MARK, False):
         return
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, PATCH_MARK, True)
-    setattr(owner, name, wrapper)
+    setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
 
 
 def _report_vispec_to_v2_runner() -> None:
@@ -139,3 +166,83 @@ def _reject_decompression_bombs_as_bad_requests() -> None:
         return load_bytes
 
     wrap_method(ImageMediaIO, "load_bytes", make)
+
+
+def _correct_cpu_sampling_at_worker_start() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+
+    def make(original):
+        def register_triton_kernel_overrides(cls) -> None:
+            original(cls)
+            _replace_broken_cpu_expand_kernel()
+            _let_cpu_top_k_take_empty_batches()
+            _keep_seeded_generators_off_discarded_samples()
+
+        return register_triton_kernel_overrides
+
+    wrap_method(type(current_platform), "register_triton_kernel_overrides", make)
+
+
+def _replace_broken_cpu_expand_kernel() -> None:
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+    from vllm.triton_utils.dispatcher import KernelOverride
+    from vllm.utils import cpu_triton_utils
+
+    from vispec_vllm.engine.cpu_sampling import expand_per_request, expand_writes_float_output
+
+    installed = rejection_sampler.expand_kernel
+    if getattr(installed, "func", None) is not cpu_triton_utils._expand_kernel_impl:
+        return  # Triton's kernel, another platform's fallback, or already replaced
+    if expand_writes_float_output(installed):
+        return  # vLLM fixed its fallback
+    fixed = KernelOverride(installed, expand_per_request)  # launched like the kernel: kernel[grid](...)
+    rejection_sampler.expand_kernel = fixed
+    rejection_sampler._expand.kernel = fixed  # the launcher `expand_batch_to_tokens` calls
+    logger.info_once(
+        "vispec-vllm: vLLM's CPU expand_kernel fallback drops non-int64 outputs (the per-token temperatures, "
+        "top-k and top-p of speculative decoding); replaced by a dtype-preserving expand"
+    )
+
+
+def _let_cpu_top_k_take_empty_batches() -> None:
+    import vllm.v1.sample.ops.topk_topp_sampler as topk_topp_sampler
+
+    from vispec_vllm.engine.cpu_sampling import top_k_accepts_empty_batch
+
+    if top_k_accepts_empty_batch(topk_topp_sampler.apply_top_k_only):
+        return
+
+    def make(original):
+        def apply_top_k_only(logits, k):
+            return logits if logits.shape[0] == 0 else original(logits, k)
+
+        return apply_top_k_only
+
+    wrap_method(topk_topp_sampler, "apply_top_k_only", make)
+    logger.info_once("vispec-vllm: vLLM's CPU top-k now takes a batch of no rows (a step without drafts)")
+
+
+def _keep_seeded_generators_off_discarded_samples() -> None:
+    from vispec_vllm.engine.cpu_sampling import cpu_generators_have_offsets
+
+    if cpu_generators_have_offsets():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    def make(original):
+        def sample_tokens(self, *args, **kwargs):
+            generators = self.input_batch.generators
+            discarded = self.discard_request_mask.np[: self.input_batch.num_reqs].nonzero()[0]
+            held_out = {i: generators.pop(i) for i in map(int, discarded) if i in generators}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                generators.update(held_out)
+
+        return sample_tokens
+
+    wrap_method(CPUModelRunner, "sample_tokens", make)
+    logger.info_once("vispec-vllm: seeded requests with chunked prompts supported on the CPU runner")
