@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -48,6 +49,64 @@ def tiny_draft(model_root, tiny_target):
                                 num_q=num_q, stage=stage)
 
     return build
+
+
+TRAIN_WORDS = ("the", "a", "dog", "cat", "red", "blue", "tree", "house", "sits", "runs", "near", "under", "big",
+               "small", "water", "field", "sky")
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tiny_target, tmp_path_factory) -> Path:
+    """12 conversations (half with an image) with their own 20-word answers, teacher-forced through the factory
+    Qwen2.5-VL (no vLLM)."""
+    import json
+    import random
+
+    from vispec_vllm.data.manifest import DatasetSpec
+    from vispec_vllm.data.pipeline import run_extract
+    from vispec_vllm.factory import make_test_image
+
+    target = tiny_target("qwen2_5_vl")
+    root = tmp_path_factory.mktemp("train_data")
+    rng = random.Random(0)
+    records = []
+    for i in range(12):
+        answer = " ".join(rng.choice(TRAIN_WORDS) for _ in range(20)) + "."
+        record = {"id": f"r{i}", "conversations": [{"from": "human", "value": f"Describe thing {i}."},
+                                                   {"from": "gpt", "value": answer}]}
+        if i % 2 == 0:
+            make_test_image(100 + i, size=(112, 112)).save(root / f"{i}.png")
+            record["image"] = f"{i}.png"
+        records.append(record)
+    (root / "data.json").write_text(json.dumps(records))
+    spec = DatasetSpec(target=str(target), source=str(root / "data.json"), image_folder=str(root), start=0,
+                       end=None, shuffle_seed=None, shard_size=4, answers="dataset", system_prompt="",
+                       extra_instruction="", max_new_tokens=0, max_len=512, dtype="float32")
+    run_extract(spec, root / "data", device="cpu", progress=False)
+    return root / "data"
+
+
+TINY_RUN_STEPS = 60  # per stage
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_target, tmp_path_factory):
+    """The factory Qwen2.5-VL's own vLLM answers to 16 image + 16 text prompts (up to 48 tokens), teacher-forced:
+    `dirs` = (image data dir, text data dir), both under `work`. One vLLM engine."""
+    from vispec_vllm.train.tiny import generate_tiny_data
+
+    target = tiny_target("qwen2_5_vl")
+    work = tmp_path_factory.mktemp("tiny_run")
+    return SimpleNamespace(target=target, work=work, dirs=generate_tiny_data(target, work, seed=0, max_new_tokens=48))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data):
+    """A ViSpec draft trained on `tiny_data` (stage 1, then stage 2; full vocabulary), in `tiny_data.work`."""
+    from vispec_vllm.train import train_tiny_draft
+
+    draft = train_tiny_draft(tiny_data.target, tiny_data.work, seed=0, steps=TINY_RUN_STEPS, data=tiny_data.dirs)
+    return SimpleNamespace(target=tiny_data.target, work=tiny_data.work, draft=draft)
 
 
 def shutdown_llm(llm) -> None:

@@ -1,33 +1,24 @@
 """End to end on a tiny Qwen2.5-VL: vLLM answers -> teacher-forced shards -> stage 1 -> stage 2 -> export.
 
-One vLLM engine for the module (16 image + 16 text prompts, short answers), then CPU training.
+One vLLM engine for the data (the session fixtures `tiny_data` / `tiny_run` in conftest: 16 image + 16 text
+prompts, short answers), then CPU training.
 """
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_RUN_STEPS as STEPS
 
-from vispec_vllm.train import train_tiny_draft
 from vispec_vllm.train.batches import ShardedSamples
 from vispec_vllm.train.metrics import read_metrics
 from vispec_vllm.train.trainer import CURVE_FILE, LOG_FILE
 
 pytestmark = pytest.mark.vllm
 
-STEPS = 60
 IMAGE_TOKENS = 64  # one 224x224 test image
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_target, tmp_path_factory):
-    target = tiny_target("qwen2_5_vl")
-    work = tmp_path_factory.mktemp("tiny_run")
-    draft = train_tiny_draft(target, work, seed=0, steps=STEPS, max_new_tokens=48)
-    return SimpleNamespace(target=target, work=work, draft=draft)
 
 
 def test_vllm_answers_are_the_targets_greedy_continuations(tiny_run):

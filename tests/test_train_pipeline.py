@@ -4,7 +4,6 @@ official-format export."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vispec_vllm.data.manifest import DatasetSpec
-from vispec_vllm.data.pipeline import run_extract
 from vispec_vllm.train.batches import ShardedSamples, collate, sample_slots
 from vispec_vllm.train.checkpoint import checkpoint_dir, list_checkpoints
 from vispec_vllm.train.config import TrainConfig
@@ -21,37 +18,10 @@ from vispec_vllm.train.metrics import read_metrics
 from vispec_vllm.train.step import DraftRollout, batch_loss
 from vispec_vllm.train.trainer import CURVE_FILE, LOG_FILE, Trainer, train
 
-WORDS = ("the", "a", "dog", "cat", "red", "blue", "tree", "house", "sits", "runs", "near", "under", "big",
-         "small", "water", "field", "sky")
-
 
 @pytest.fixture(scope="module")
 def qwen_target(tiny_target) -> Path:
     return tiny_target("qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def data_dir(qwen_target, tmp_path_factory) -> Path:
-    """12 conversations (half with an image) with their own 20-word answers, teacher-forced."""
-    from vispec_vllm.factory import make_test_image
-
-    root = tmp_path_factory.mktemp("train_data")
-    rng = random.Random(0)
-    records = []
-    for i in range(12):
-        answer = " ".join(rng.choice(WORDS) for _ in range(20)) + "."
-        record = {"id": f"r{i}", "conversations": [{"from": "human", "value": f"Describe thing {i}."},
-                                                   {"from": "gpt", "value": answer}]}
-        if i % 2 == 0:
-            make_test_image(100 + i, size=(112, 112)).save(root / f"{i}.png")
-            record["image"] = f"{i}.png"
-        records.append(record)
-    (root / "data.json").write_text(json.dumps(records))
-    spec = DatasetSpec(target=str(qwen_target), source=str(root / "data.json"), image_folder=str(root), start=0,
-                       end=None, shuffle_seed=None, shard_size=4, answers="dataset", system_prompt="",
-                       extra_instruction="", max_new_tokens=0, max_len=512, dtype="float32")
-    run_extract(spec, root / "data", device="cpu", progress=False)
-    return root / "data"
 
 
 def _config(stage: int, target: Path, data: Path, out: Path, init: Path | None, **changes) -> TrainConfig:
@@ -62,8 +32,8 @@ def _config(stage: int, target: Path, data: Path, out: Path, init: Path | None, 
 
 
 @pytest.fixture(scope="module")
-def stage1_draft(qwen_target, data_dir, tmp_path_factory) -> Path:
-    return train(_config(1, qwen_target, data_dir, tmp_path_factory.mktemp("stage1"), None, max_steps=24))
+def stage1_draft(qwen_target, train_data_dir, tmp_path_factory) -> Path:
+    return train(_config(1, qwen_target, train_data_dir, tmp_path_factory.mktemp("stage1"), None, max_steps=24))
 
 
 def _mean(values: list[float]) -> float:
@@ -110,18 +80,18 @@ def _full_data_loss(draft_dir: Path, target: Path, data: Path, *, num_q: int, mt
         return float(batch_loss(draft, predictions, batch, stage=2).loss)
 
 
-def test_stage2_learns_with_mtp_and_exports_the_vispec_format(stage1_draft, qwen_target, data_dir, tmp_path):
+def test_stage2_learns_with_mtp_and_exports_the_vispec_format(stage1_draft, qwen_target, train_data_dir, tmp_path):
     from safetensors.torch import load_file
 
     from vispec_vllm.draft import ViSpecDraft
 
-    exported = train(_config(2, qwen_target, data_dir, tmp_path / "stage2", stage1_draft, num_q=3, mtp_steps=2,
+    exported = train(_config(2, qwen_target, train_data_dir, tmp_path / "stage2", stage1_draft, num_q=3, mtp_steps=2,
                              lr=1e-3, max_steps=16, save_every=8))
     log = read_metrics(tmp_path / "stage2" / LOG_FILE)
     assert all(len(r["acc_passes"]) == 3 for r in log)  # the target-feature pass and two MTP passes
     # the stage-2 start (stage-1 weights, the same seeded fresh adaptor) against the result, on all the data
-    before = _full_data_loss(stage1_draft, qwen_target, data_dir, num_q=3, mtp_steps=2)
-    after = _full_data_loss(exported, qwen_target, data_dir, num_q=3, mtp_steps=2)
+    before = _full_data_loss(stage1_draft, qwen_target, train_data_dir, num_q=3, mtp_steps=2)
+    after = _full_data_loss(exported, qwen_target, train_data_dir, num_q=3, mtp_steps=2)
     print(f"stage-2 loss on all data: {before:.3f} -> {after:.3f}")
     assert after < 0.95 * before
     state = load_file(str(exported / "model.safetensors"))
@@ -132,15 +102,15 @@ def test_stage2_learns_with_mtp_and_exports_the_vispec_format(stage1_draft, qwen
     assert [p.name for p in list_checkpoints(tmp_path / "stage2")] == ["step_00000008", "step_00000016"]
 
 
-def test_resumed_training_continues_exactly(stage1_draft, qwen_target, data_dir, tmp_path):
+def test_resumed_training_continues_exactly(stage1_draft, qwen_target, train_data_dir, tmp_path):
     """A run restarted from its step-3 checkpoint repeats steps 4..6 of the uninterrupted run bit for bit."""
     settings = dict(max_steps=6, save_every=3, warmup_steps=2, batch_size=3, mtp_steps=1)
-    train(_config(2, qwen_target, data_dir, tmp_path / "whole", stage1_draft, **settings))
+    train(_config(2, qwen_target, train_data_dir, tmp_path / "whole", stage1_draft, **settings))
     resumed_out = tmp_path / "resumed"
     (resumed_out / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint_dir(tmp_path / "whole", 3), checkpoint_dir(resumed_out, 3))
     shutil.copy(tmp_path / "whole" / LOG_FILE, resumed_out / LOG_FILE)  # holds steps 1..6: 4..6 get redone
-    trainer = Trainer(_config(2, qwen_target, data_dir, resumed_out, stage1_draft, **settings))
+    trainer = Trainer(_config(2, qwen_target, train_data_dir, resumed_out, stage1_draft, **settings))
     assert trainer.step == 3
     trainer.run()
     whole, resumed = read_metrics(tmp_path / "whole" / LOG_FILE), read_metrics(resumed_out / LOG_FILE)
@@ -182,14 +152,14 @@ def _reference_stage2_loss(draft, sample, mtp_steps: int) -> tuple[float, int]:
     return total, count
 
 
-def test_batched_stage2_loss_equals_a_per_sample_reference(qwen_target, data_dir, tmp_path):
+def test_batched_stage2_loss_equals_a_per_sample_reference(qwen_target, train_data_dir, tmp_path):
     from vispec_vllm.draft import ViSpecDraft
     from vispec_vllm.factory import build_tiny_draft
     from vispec_vllm.train.draft_init import attach_target_weights
 
     draft = ViSpecDraft.from_pretrained(build_tiny_draft(qwen_target, tmp_path / "d", seed=1, num_q=2))
     attach_target_weights(draft, qwen_target)
-    samples = ShardedSamples([data_dir])
+    samples = ShardedSamples([train_data_dir])
     chosen = [samples[i] for i in (0, 1, 2)]  # image, text, image; different lengths
     assert len({len(s) for s in chosen}) == 3 and chosen[0].image_mask.any() and not chosen[1].image_mask.any()
     batch = collate(chosen)

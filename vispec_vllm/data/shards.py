@@ -101,6 +101,12 @@ class ShardReader:
     def answer_token_count(self) -> int:
         return int(self._file.get_tensor("answer_mask").sum())
 
+    def token_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids [L], answer_mask [L]) of every sample, without reading hidden states or image rows."""
+        input_ids, answer_mask = self._file.get_tensor("input_ids").long(), self._file.get_tensor("answer_mask")
+        bounds = zip(self.token_offsets, self.token_offsets[1:], strict=False)
+        return [(input_ids[start:stop], answer_mask[start:stop]) for start, stop in bounds]
+
     def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._file.get_slice(name)[start:stop]
 

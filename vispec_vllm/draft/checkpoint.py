@@ -6,6 +6,12 @@
 
 No `lm_head` (the draft uses the target's), no input norm, no final norm. Everything is validated before
 any module is built; each error is a one-line `DraftCheckpointError` naming the file, expected and found.
+
+Ours, optional: a reduced draft vocabulary. `config.json` has `"draft_vocab_size": N` and the weights one more
+tensor, `d2t`: int64 [N], draft id -> target id, strictly increasing target ids in [0, vocab_size). The draft's
+output head is then the target's lm_head restricted to those rows (still not stored), so its logits over the
+subset equal the full-vocabulary logits there. (EAGLE-3's `d2t` holds offsets, target - draft; ours holds the
+target ids themselves.)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ __all__ = [
     "WEIGHT_FILES",
     "DraftCheckpointError",
     "check_draft_matches_target",
+    "check_draft_vocab",
     "checkpoint_num_q",
     "expected_keys",
     "load_draft_checkpoint",
@@ -30,6 +37,7 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for in this order
 VISION_PREFIXES = ("imadpt.", "img_fc.")  # absent from stage-1 checkpoints
+DRAFT_VOCAB_KEY = "d2t"  # draft id -> target id, only with config.draft_vocab_size
 
 
 def expected_keys(config: ViSpecConfig, num_q: int | None) -> dict[str, tuple[int, ...]]:
@@ -37,7 +45,10 @@ def expected_keys(config: ViSpecConfig, num_q: int | None) -> dict[str, tuple[in
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     heads, head_dim = config.num_attention_heads, config.head_dim
     kv_width = config.num_key_value_heads * head_dim
-    keys: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, hidden)}
+    keys: dict[str, tuple[int, ...]] = {}
+    if config.draft_vocab_size is not None:  # a buffer of the draft's root module: first in its state dict
+        keys[DRAFT_VOCAB_KEY] = (config.draft_vocab_size,)
+    keys["embed_tokens.weight"] = (vocab, hidden)
     attn = "layers.0.self_attn"
     for name, width in (("q_proj", heads * head_dim), ("k_proj", kv_width), ("v_proj", kv_width)):
         keys[f"{attn}.{name}.weight"] = (width, hidden)
@@ -94,6 +105,11 @@ def validate_state_dict(config: ViSpecConfig, state_dict: dict[str, torch.Tensor
                 f"ViSpec draft {source}: expected num_q = imadpt.q.shape[0] >= 2 (compressed tokens + global "
                 f"feature), found {q.shape[0]}"
             )
+    if DRAFT_VOCAB_KEY in state_dict and config.draft_vocab_size is None:
+        raise DraftCheckpointError(
+            f"ViSpec draft {source}: expected draft_vocab_size in config.json with a {DRAFT_VOCAB_KEY} tensor "
+            f"(a reduced draft vocabulary), found none"
+        )
     has_vision = any(k.startswith(VISION_PREFIXES) for k in state_dict)
     num_q = (checkpoint_num_q(state_dict) or 2) if has_vision else None  # 2: placeholder when imadpt.q is missing
     expected = expected_keys(config, num_q)
@@ -116,10 +132,33 @@ def validate_state_dict(config: ViSpecConfig, state_dict: dict[str, torch.Tensor
             f"ViSpec draft {source}: tensor shapes do not match config.json: {'; '.join(wrong[:4])}"
             + (f"; ... ({len(wrong) - 4} more)" if len(wrong) > 4 else "")
         )
-    not_float = sorted(k for k, v in state_dict.items() if not v.is_floating_point())
+    not_float = sorted(k for k, v in state_dict.items() if not v.is_floating_point() and k != DRAFT_VOCAB_KEY)
     if not_float:
         raise DraftCheckpointError(f"ViSpec draft {source}: expected floating-point tensors, found {_names(not_float)}")
+    if config.draft_vocab_size is not None:
+        check_draft_vocab(state_dict[DRAFT_VOCAB_KEY], config.vocab_size, source=source)
     return checkpoint_num_q(state_dict)
+
+
+def check_draft_vocab(d2t: torch.Tensor, vocab_size: int, *, source: str) -> None:
+    """`d2t` must be int64 [N], strictly increasing target ids in [0, vocab_size). Raises `DraftCheckpointError`."""
+    if d2t.dtype != torch.int64 or d2t.dim() != 1 or d2t.numel() == 0:
+        raise DraftCheckpointError(
+            f"ViSpec draft {source}: expected {DRAFT_VOCAB_KEY} a non-empty int64 vector, "
+            f"found {d2t.dtype} of shape {list(d2t.shape)}"
+        )
+    low, high = int(d2t.min()), int(d2t.max())
+    if low < 0 or high >= vocab_size:
+        raise DraftCheckpointError(
+            f"ViSpec draft {source}: expected {DRAFT_VOCAB_KEY} target ids in [0, {vocab_size}), found ids "
+            f"from {low} to {high}"
+        )
+    if d2t.numel() > 1 and not bool((d2t[1:] > d2t[:-1]).all()):
+        first = int((d2t[1:] <= d2t[:-1]).nonzero()[0])
+        raise DraftCheckpointError(
+            f"ViSpec draft {source}: expected {DRAFT_VOCAB_KEY} strictly increasing target ids, found "
+            f"{int(d2t[first])} then {int(d2t[first + 1])} at draft ids {first}, {first + 1}"
+        )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

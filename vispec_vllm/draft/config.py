@@ -5,6 +5,9 @@ Official draft configs are copies of the target's text config with `num_hidden_l
 `bos_token_id`, `torch_dtype`, ...) is kept in `extra` and written back on save, so a config read from an
 official file is written back as the same JSON object. Keys the official configs leave out when they hold
 the default (`rope_theta` in LLaVA configs, `qkv_bias`, `bias`, `pad_token_id`) stay left out.
+
+`draft_vocab_size` is ours (absent from official configs): the draft predicts over N target token ids, listed
+by the checkpoint's `d2t` tensor (see `vispec_vllm.draft.checkpoint`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
     "architectures": (),
     "model_type": "",
+    "draft_vocab_size": None,  # ours: a reduced draft vocabulary (the checkpoint then holds `d2t`)
 }
 _TYPED_KEYS = (*REQUIRED_KEYS, *OPTIONAL_DEFAULTS)
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -59,6 +63,7 @@ class ViSpecConfig:
     hidden_act: str = "silu"
     architectures: tuple[str, ...] = ()
     model_type: str = ""
+    draft_vocab_size: int | None = None  # None: the draft predicts over the target's whole vocabulary
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
     # key order of the file this config was read from (None: built in code); only used to write it back
     source_keys: tuple[str, ...] | None = field(default=None, compare=False, hash=False, repr=False)
@@ -142,6 +147,11 @@ def _check_values(values: dict[str, Any], source: str) -> None:
     pad = values["pad_token_id"]
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < values["vocab_size"]):
         raise fail(f"expected pad_token_id null or in [0, {values['vocab_size']}), found {pad!r}")
+    draft_vocab = values["draft_vocab_size"]
+    if draft_vocab is not None and (
+        not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or not 0 < draft_vocab <= values["vocab_size"]
+    ):
+        raise fail(f"expected draft_vocab_size null or in [1, {values['vocab_size']}], found {draft_vocab!r}")
     if values["hidden_act"] not in SUPPORTED_ACTIVATIONS:
         raise fail(f"expected hidden_act in {SUPPORTED_ACTIVATIONS}, found {values['hidden_act']!r}")
     extra = values["extra"]

@@ -21,10 +21,15 @@ slots, with 1-D RoPE at the given positions. This is exactly the official compre
 row (the official multi-image path crashes), and positions beyond `max_position_embeddings`.
 
 The module holds no per-request state: the global feature goes in and out explicitly.
+
+Optional reduced draft vocabulary (ours, see `vispec_vllm.draft.checkpoint`): with the `d2t` buffer set
+(`set_draft_vocab`), `compute_logits` gives [..., N] logits over those target ids only (the target's lm_head
+rows at d2t) and `propose_greedy` maps its draft ids back to target ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +38,14 @@ import torch
 from torch import nn
 
 from vispec_vllm.draft.adaptor import ImgAdaptor
-from vispec_vllm.draft.checkpoint import CONFIG_FILE, checkpoint_num_q, expected_keys, load_draft_checkpoint
+from vispec_vllm.draft.checkpoint import (
+    CONFIG_FILE,
+    DRAFT_VOCAB_KEY,
+    check_draft_vocab,
+    checkpoint_num_q,
+    expected_keys,
+    load_draft_checkpoint,
+)
 from vispec_vllm.draft.config import DraftCheckpointError, ViSpecConfig
 from vispec_vllm.draft.image_spans import COMPRESSED, TEXT, SlotLayout, build_slot_layout
 from vispec_vllm.draft.layers import DraftDecoderLayer
@@ -62,10 +74,16 @@ def identity_img_fc_(img_fc: nn.Linear) -> None:
 
 class ViSpecDraft(nn.Module):
     """Submodule names are the official checkpoint keys. `num_q` None: stage-1 EAGLE draft (no adaptor;
-    image slots are treated as text, and g is the `global_feature` argument everywhere)."""
+    image slots are treated as text, and g is the `global_feature` argument everywhere). `config` has no
+    draft_vocab_size: a draft vocabulary is set afterwards, with `set_draft_vocab`."""
 
     def __init__(self, config: ViSpecConfig, num_q: int | None = 2) -> None:
         super().__init__()
+        if config.draft_vocab_size is not None:
+            raise ValueError(
+                f"ViSpecDraft(config) takes a config without draft_vocab_size (found {config.draft_vocab_size}): "
+                "set the draft vocabulary with set_draft_vocab(d2t)"
+            )
         self.config = config
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden, padding_idx=config.pad_token_id)
@@ -76,7 +94,9 @@ class ViSpecDraft(nn.Module):
         self.img_fc = nn.Linear(2 * hidden, hidden, bias=config.bias)
         if not self.img_fc.weight.is_meta:
             identity_img_fc_(self.img_fc)
-        self.register_buffer("lm_head_weight", None, persistent=False)  # the target's [V, H], via set_lm_head
+        # the target's lm_head [V, H] via set_lm_head; only its rows at d2t ([N, H]) with a draft vocabulary
+        self.register_buffer("lm_head_weight", None, persistent=False)
+        self.register_buffer(DRAFT_VOCAB_KEY, None)  # [N] int64 draft id -> target id; None: the full vocabulary
 
     @property
     def num_q(self) -> int | None:
@@ -169,16 +189,33 @@ class ViSpecDraft(nn.Module):
     # ------------------------------------------------------------------------------------------ logits
 
     def set_lm_head(self, weight: torch.Tensor) -> None:
-        """Use the target's lm_head weight [V, H] (not part of the draft checkpoint)."""
+        """Use the target's lm_head weight [V, H] (not part of the draft checkpoint); with a draft vocabulary
+        only its rows at d2t are kept."""
         expected = (self.config.vocab_size, self.config.hidden_size)
         if tuple(weight.shape) != expected:
             raise ValueError(f"lm_head weight has shape {list(weight.shape)}, expected {list(expected)}")
-        self.lm_head_weight = weight
+        self.lm_head_weight = weight if self.d2t is None else weight[self.d2t.to(weight.device)]
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """Predict over the target ids `d2t` only (int64 [N], strictly increasing): sets the buffer, the config's
+        draft_vocab_size and, if the lm_head is already set, restricts it to those rows."""
+        if self.d2t is not None:
+            raise ValueError(f"this draft already has a draft vocabulary ({self.d2t.numel()} ids)")
+        check_draft_vocab(d2t, self.config.vocab_size, source="<set_draft_vocab>")
+        self.config = dataclasses.replace(self.config, draft_vocab_size=d2t.numel())
+        self.d2t = d2t.to(self.embed_tokens.weight.device)
+        if self.lm_head_weight is not None:
+            self.lm_head_weight = self.lm_head_weight[self.d2t.to(self.lm_head_weight.device)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., V] logits, or [..., N] over the draft vocabulary (draft ids)."""
         if self.lm_head_weight is None:
             raise RuntimeError("ViSpecDraft has no lm_head: call set_lm_head(target lm_head weight) first")
         return nn.functional.linear(hidden, self.lm_head_weight.to(hidden.dtype))
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Argmax indices of `compute_logits` -> target token ids (the same ids without a draft vocabulary)."""
+        return draft_ids if self.d2t is None else self.d2t[draft_ids]
 
     @torch.no_grad()
     def propose_greedy(
@@ -213,7 +250,7 @@ class ViSpecDraft(nn.Module):
         for step in range(num_speculative_tokens):
             out = self.forward(hidden_states, inputs_embeds, image, valid, global_feature=global_feature)
             last_hidden = out.hidden_states[rows, lengths - 1]  # [B, H]
-            token = self.compute_logits(last_hidden).argmax(-1)
+            token = self.target_ids(self.compute_logits(last_hidden).argmax(-1))
             drafts.append(token)
             if step + 1 == num_speculative_tokens:
                 break
@@ -231,8 +268,10 @@ class ViSpecDraft(nn.Module):
         cls, path: str | Path, *, num_q: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> ViSpecDraft:
         """Load an official draft directory. num_q comes from `imadpt.q`; for a stage-1 checkpoint, `num_q`
-        given means a freshly initialised adaptor (from `seed`), and img_fc is the identity either way."""
+        given means a freshly initialised adaptor (from `seed`), and img_fc is the identity either way.
+        A reduced-vocabulary draft (`d2t`) gets its draft vocabulary back."""
         config, state, weights = load_draft_checkpoint(path)
+        d2t = state.pop(DRAFT_VOCAB_KEY, None)
         found_q = checkpoint_num_q(state)
         if num_q is not None and num_q < 2:
             raise ValueError(f"num_q must be >= 2, got {num_q}")
@@ -243,7 +282,7 @@ class ViSpecDraft(nn.Module):
         state = {k: v.to(dtype) for k, v in state.items()}
         model_q = found_q if found_q is not None else num_q
         with torch.device("meta"):
-            model = cls(config, num_q=model_q)
+            model = cls(dataclasses.replace(config, draft_vocab_size=None), num_q=model_q)
         if found_q is None:
             img_fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.bias)
             identity_img_fc_(img_fc)
@@ -258,6 +297,8 @@ class ViSpecDraft(nn.Module):
                 logger.info("ViSpec draft %s: no imadpt weights, imadpt freshly initialised (num_q=%d, seed=%d)",
                             weights, num_q, seed)
         model.load_state_dict(state, strict=True, assign=True)
+        if d2t is not None:
+            model.set_draft_vocab(d2t)
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> None:

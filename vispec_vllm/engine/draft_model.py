@@ -7,6 +7,10 @@ vLLM shares the target's embedding and `lm_head` (`has_own_embed_tokens` / `has_
 Linear layers are tensor-parallel like vLLM's own EAGLE drafts; the image adaptor is replicated (it runs
 once per image, off the decode path).
 
+A reduced-vocabulary draft (`d2t`, `draft_vocab_size`) computes its logits with the target's lm_head rows
+at d2t only (`DraftVocabHead`, one [N, H] GEMM) and scatters them into [T, V] logits that are -inf at every
+other target id: the proposer's argmax gives target ids, and a draft distribution is zero outside the subset.
+
 Official checkpoint keys map onto this module as `model.<key>`, with q/k/v and gate/up stacked
 (`layers.0.self_attn.{q,k,v}_proj` -> `qkv_proj`, `layers.0.mlp.{gate,up}_proj` -> `gate_up_proj`), the
 attention weights widened (`ViSpecAttention.widen_checkpoint`) and `fc`/`img_fc` folded into `fused_fc` and
@@ -33,13 +37,14 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 from vllm.v1.attention.selector import get_attn_backend
 
 from vispec_vllm.draft.adaptor import ImgAdaptor
-from vispec_vllm.draft.checkpoint import validate_state_dict
-from vispec_vllm.draft.config import ViSpecConfig
+from vispec_vllm.draft.checkpoint import DRAFT_VOCAB_KEY, validate_state_dict
+from vispec_vllm.draft.config import DraftCheckpointError, ViSpecConfig
 from vispec_vllm.engine.step_inputs import ViSpecStepInputs
 from vispec_vllm.kernels.dropped_keys import FlaggedHeads
 
@@ -193,6 +198,27 @@ class ViSpecModel(nn.Module):
             state["fused_fc.bias"] = state.pop("fc.bias").double() + (0 if img_b is None else w_i @ img_b.double())
 
 
+class DraftVocabHead(nn.Module):
+    """The target's lm_head restricted to the draft vocabulary: [T, H] -> [T, N] logits with one GEMM, run by
+    vLLM's own unquantized-embedding method (on the CPU its prepacked GEMM, as for the target's lm_head)."""
+
+    def __init__(self, lm_head: nn.Module, d2t: torch.Tensor, source: str) -> None:
+        super().__init__()
+        if not isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod):
+            raise DraftCheckpointError(
+                f"ViSpec draft {source}: a reduced draft vocabulary ({DRAFT_VOCAB_KEY}) expects the target's "
+                f"unquantized lm_head, found {type(getattr(lm_head, 'quant_method', None)).__name__}"
+            )
+        bias = getattr(lm_head, "bias", None)
+        self.register_buffer("weight", lm_head.weight.detach()[d2t].contiguous())  # [N, H]
+        self.register_buffer("bias", None if bias is None else bias.detach()[d2t].contiguous())
+        self.quant_method = UnquantizedEmbeddingMethod()
+        self.quant_method.process_weights_after_loading(self)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, hidden_states, bias=self.bias)
+
+
 class ViSpecDraftForVLLM(nn.Module):
     has_own_embed_tokens = False  # a frozen copy of the target's: vLLM shares the target's embedding
     has_own_lm_head = False
@@ -214,6 +240,17 @@ class ViSpecDraftForVLLM(nn.Module):
         self.model = ViSpecModel(self.vispec_config, vllm_config, layer_name, prefix="model")
         self.lm_head = nn.Identity()  # replaced by the target's lm_head
         self.logits_processor = LogitsProcessor(self.vispec_config.vocab_size)
+        draft_vocab_size = self.vispec_config.draft_vocab_size
+        if draft_vocab_size is not None and get_tensor_model_parallel_world_size() > 1:
+            raise DraftCheckpointError(
+                f"ViSpec draft {self.source}: a reduced draft vocabulary ({DRAFT_VOCAB_KEY}) needs "
+                f"tensor_parallel_size 1, found {get_tensor_model_parallel_world_size()}"
+            )
+        # [N] int64 draft id -> target id, from the checkpoint; None: the draft predicts over the whole vocabulary
+        d2t = None if draft_vocab_size is None else torch.zeros(draft_vocab_size, dtype=torch.int64)
+        self.register_buffer(DRAFT_VOCAB_KEY, d2t, persistent=False)
+        # built on the first compute_logits, once vLLM has shared the target's lm_head (after load_weights)
+        self.draft_vocab_head: DraftVocabHead | None = None
 
     @property
     def num_q(self) -> int | None:
@@ -228,7 +265,14 @@ class ViSpecDraftForVLLM(nn.Module):
         return _merge_multimodal_embeddings(embeds, multimodal_embeddings, is_multimodal.to(embeds.device))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """[T, H] -> [T, V] logits over the target vocabulary (-inf outside a reduced draft vocabulary)."""
+        if self.d2t is None:
+            return self.logits_processor(self.lm_head, hidden_states)
+        if self.draft_vocab_head is None:
+            self.draft_vocab_head = DraftVocabHead(self.lm_head, self.d2t, self.source)
+        draft_logits = self.draft_vocab_head(hidden_states)  # [T, N]
+        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.vispec_config.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, self.d2t, draft_logits)
 
     @torch.no_grad()
     def adapt_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -268,6 +312,8 @@ class ViSpecDraftForVLLM(nn.Module):
         state = dict(weights)
         num_q = validate_state_dict(self.vispec_config, state, source=f"{self.source} (weights)")
         state.pop("embed_tokens.weight")  # a frozen copy of the target's, which vLLM shares instead
+        if self.d2t is not None:
+            self.d2t.copy_(state.pop(DRAFT_VOCAB_KEY))
         model = self.model
         reference = model.fused_fc.weight
         if num_q is not None:  # a stage-1 EAGLE checkpoint has no adaptor: g stays zero

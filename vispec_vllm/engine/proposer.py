@@ -70,10 +70,13 @@ class ViSpecProposer(EagleProposer):
                 device=self.device,
                 dtype=self.dtype,
             )
+        draft_vocab_size = self.model.vispec_config.draft_vocab_size
         logger.info(
-            "ViSpec draft loaded: num_q=%s (%s), 1-D RoPE over raw token positions",
+            "ViSpec draft loaded: num_q=%s (%s), 1-D RoPE over raw token positions, %s",
             self.model.num_q,
             "vision-aware" if self.model.num_q else "stage-1 text EAGLE: images are not compressed",
+            "full target vocabulary" if draft_vocab_size is None
+            else f"draft vocabulary of {draft_vocab_size} target ids",
         )
 
     # ------------------------------------------------------------------ next token after a partial prefill

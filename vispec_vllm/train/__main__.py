@@ -4,6 +4,8 @@ Stage 1 trains a text EAGLE draft (SmoothL1 + 0.1 * (soft CE + 0.1 * ListMLE@10)
 stage 2 starts from the stage-1 draft, adds the image adaptor (--num-q) and trains with multi-token
 prediction (--mtp-steps) on 10 * L1(softmax) + 0.1 * ListMLE@10. Multi-GPU: torchrun --nproc-per-node N -m ...
 Reruns with the same --out resume from the latest checkpoint. The result is exported to OUT/draft.
+Optional (ours): --draft-vocab-size / --draft-vocab-coverage in stage 1 give the draft a reduced output
+vocabulary chosen from the training answers (report: OUT/draft_vocab.json); the export then holds `d2t`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader workers")
     p.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], default=d.export_dtype)
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
+                       help="stage 1: a reduced draft vocabulary, the N target ids most frequent among the training "
+                            "answer tokens (rounded up to a multiple of 64); stage 2 inherits it (default: the "
+                            "target's full vocabulary, the official format)")
+    vocab.add_argument("--draft-vocab-coverage", type=float, default=None, metavar="SHARE",
+                       help="stage 1: the smallest such draft vocabulary covering SHARE (e.g. 0.995) of the training "
+                            "answer tokens")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -62,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_len=args.max_len, grad_clip_value=args.grad_clip_value, noise_std=args.noise_std, seed=args.seed,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, precision=args.precision,
         device=args.device, num_workers=args.num_workers, export_dtype=args.export_dtype,
-        progress=not args.no_progress, resume=not args.no_resume,
+        progress=not args.no_progress, resume=not args.no_resume, draft_vocab_size=args.draft_vocab_size,
+        draft_vocab_coverage=args.draft_vocab_coverage,
     )
 
 

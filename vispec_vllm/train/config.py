@@ -35,6 +35,25 @@ class TrainConfig:
     export_dtype: str = "float32"  # dtype of the exported draft (official checkpoints are fp32 masters)
     progress: bool = True
     resume: bool = True  # continue from the latest checkpoint in `out` when there is one
+    # stage 1 only, at most one of the two (ours): a reduced draft vocabulary of the N target ids most frequent
+    # among the training answer tokens (N rounded up to a multiple of 64), or of the fewest reaching this share
+    # of them; stage 2 and any run whose --init draft has one inherit it (`vispec_vllm.train.draft_vocab`)
+    draft_vocab_size: int | None = None
+    draft_vocab_coverage: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_vocab_size is not None and self.draft_vocab_coverage is not None:
+            raise ValueError("draft_vocab_size and draft_vocab_coverage are mutually exclusive: give one")
+        if self.chooses_draft_vocab and self.stage != 1:
+            raise ValueError("a draft vocabulary is chosen in stage 1; stage 2 inherits it from its --init draft")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.draft_vocab_coverage is not None and not 0 < self.draft_vocab_coverage <= 1:
+            raise ValueError(f"draft_vocab_coverage must be in (0, 1], got {self.draft_vocab_coverage}")
+
+    @property
+    def chooses_draft_vocab(self) -> bool:
+        return self.draft_vocab_size is not None or self.draft_vocab_coverage is not None
 
     @property
     def resolved_mtp_steps(self) -> int:

@@ -11,7 +11,8 @@ from vispec_vllm.train.config import TrainConfig
 
 
 def attach_target_weights(draft: nn.Module, target_dir: Path) -> None:
-    """embed_tokens := the target's embedding (frozen); lm_head := the target's (frozen, not saved)."""
+    """embed_tokens := the target's embedding (frozen); lm_head := the target's (frozen, not saved; only its rows
+    at d2t for a draft with a reduced draft vocabulary)."""
     from vispec_vllm.factory import target_info
     from vispec_vllm.factory.drafts import read_target_tensor
 
@@ -38,7 +39,8 @@ def set_trainable(draft: nn.Module) -> list[nn.Parameter]:
 def initial_draft(config: TrainConfig) -> nn.Module:
     """Stage 1: `init` None (a fresh draft with the official config layout for the target), a config JSON
     file (e.g. configs/drafts/qwen2.5_vl_7B.json), or a draft directory (config.json, weights optional).
-    Stage 2: `init` is the stage-1 draft; the image adaptor is new (seeded) and img_fc starts as the identity."""
+    Stage 2: `init` is the stage-1 draft; the image adaptor is new (seeded) and img_fc starts as the identity.
+    A draft loaded from `init` keeps its reduced draft vocabulary (`d2t`), if it has one."""
     from vispec_vllm.draft import ViSpecConfig, ViSpecDraft
     from vispec_vllm.factory import target_info
     from vispec_vllm.factory.drafts import draft_config_for

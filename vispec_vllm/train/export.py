@@ -2,7 +2,8 @@
 
     python -m vispec_vllm.train.export CHECKPOINT_DIR OUT_DIR [--dtype bfloat16]
 
-CHECKPOINT_DIR is any saved draft: <run>/checkpoints/step_N, <run>/draft, or an official checkpoint.
+CHECKPOINT_DIR is any saved draft: <run>/checkpoints/step_N, <run>/draft, or an official checkpoint. A draft
+with a reduced draft vocabulary keeps it (`d2t` stays int64 whatever --dtype; `draft_vocab_size` in config.json).
 """
 
 from __future__ import annotations

@@ -68,7 +68,11 @@ class StepResult:
 
 
 def batch_loss(draft: nn.Module, predictions: list[torch.Tensor], batch: DraftBatch, stage: int) -> StepResult:
-    """The stage's loss over every trained position of every pass, each with equal weight."""
+    """The stage's loss over every trained position of every pass, each with equal weight.
+
+    With a reduced draft vocabulary `compute_logits` covers its ids only, for the target rows as for the draft's:
+    the target distribution is the target's softmax restricted to the subset (renormalised there), and top-1
+    accuracy compares the two argmaxes over the subset."""
     mask = batch.loss_mask
     positions = int(mask.sum())
     if positions == 0:

@@ -90,6 +90,8 @@ class Trainer:
         self.save_every = config.save_every or self.steps_per_epoch
 
         self.draft = initial_draft(config).to(self.device)
+        if config.chooses_draft_vocab:
+            self._choose_draft_vocab()
         self.trainable = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
@@ -108,6 +110,21 @@ class Trainer:
                                                              find_unused_parameters=config.stage == 2,
                                                              forward_sync_buffers=False)
         self.log = MetricsLog(config.out / LOG_FILE, resume_step=self.step) if self.env.is_main else None
+
+    def _choose_draft_vocab(self) -> None:
+        """Stage 1 with --draft-vocab-size/--draft-vocab-coverage: restrict the draft's output to the chosen ids."""
+        from vispec_vllm.train.draft_vocab import REPORT_FILE, choose_for_training
+
+        config = self.config
+        if self.draft.d2t is not None:
+            raise ValueError(f"the --init draft {config.init} already has a draft vocabulary of "
+                             f"{self.draft.d2t.numel()} ids, which the run inherits: drop --draft-vocab-size/-coverage")
+        choice = choose_for_training(config.target, config.data, config.max_len, size=config.draft_vocab_size,
+                                     coverage=config.draft_vocab_coverage)
+        self.draft.set_draft_vocab(choice.d2t)
+        if self.env.is_main:
+            choice.write_report(config.out / REPORT_FILE)
+            print("\n".join(choice.summary_lines()))
 
     def _loader(self, epoch: int, first_batch: int) -> DataLoader:
         batches = epoch_batches(len(self.samples), self.config.batch_size, self.env.world_size, self.env.rank,
