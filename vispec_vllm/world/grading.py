@@ -3,16 +3,16 @@
 A *mention* is "<count>? <size>? <colour> <shape>" ("a red circle", "three big blue squares", "green triangles").
 Each mention states a colour-shape fact (true if the scene has a group of that colour and shape), plus a count fact
 if a number is given ("a"/"an"/"one" = 1, "no" = none; a bare plural states no count), a size fact if a size word is
-given, and a position fact if a quadrant phrase ("top left", "upper-right corner", ...) belongs to it. Count, size
+given, and a position fact if a row phrase ("top row", "the second row", ...) belongs to it. Count, size
 and position are graded against the matching group (the best-agreeing one when several share colour and shape);
 a mention whose colour-shape is false states nothing further. Colour words outside a mention ("the background is
 white") are not facts. Colours and shapes outside the scene vocabulary ("a pink star") are recognised so that
 hallucinated objects count as false colour-shape facts.
 
 Positions: a sentence is cut into clauses at , ; : and at "and" / "but" / "while" / "whereas". A mention takes the
-nearest quadrant phrase in its own clause. A clause with a quadrant phrase but no mention ("In the top left, ...")
+nearest row phrase in its own clause. A clause with a row phrase but no mention ("In the top row, ...")
 passes it on to the following mentions of the sentence that have none of their own, or else back to the previous
-clause's mentions that have none ("a red circle, in the top left"). A clause calling a quadrant empty passes nothing.
+clause's mentions that have none ("a red circle, in the top row"). A clause calling a row empty passes nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ _MENTION = re.compile(
     rf"(?P<colour>{_alternatives([*_COLOUR_WORDS, *_OTHER_COLOURS])})\s+"
     rf"(?P<shape>{_alternatives([*_SHAPE_WORDS, *_OTHER_SHAPES, *(f'{s}s' for s in _OTHER_SHAPES)])})\b"
 )
-_POSITION = re.compile(r"\b(?P<vertical>top|upper|bottom|lower)[\s-]*(?P<horizontal>left|right)\b")
+_POSITION = re.compile(r"\b(?P<ordinal>top|first|1st|second|2nd|third|3rd|fourth|4th|bottom|last)[\s-]+row\b")
+_ROW_OF_ORDINAL = {"top": "top row", "first": "top row", "1st": "top row", "second": "second row",
+                   "2nd": "second row", "third": "third row", "3rd": "third row", "fourth": "bottom row",
+                   "4th": "bottom row", "bottom": "bottom row", "last": "bottom row"}
 _EMPTY = re.compile(r"\b(?:empty|nothing|blank|vacant)\b")
 _SENTENCE_END = re.compile(r"[.!?\n]+")
 _CLAUSE_BREAK = re.compile(r"[,;:]|\s(?:and|but|while|whereas)\s")
@@ -77,13 +80,13 @@ class _Mention:
     shape: str
     count: tuple[str, int] | None  # (words, number)
     size: tuple[str, str] | None  # (word, vocabulary size)
-    position: tuple[str, str] | None = None  # (words, quadrant)
+    position: tuple[str, str] | None = None  # (words, row)
 
 
 @dataclass
 class _Clause:
     mentions: list[_Mention]
-    positions: list[tuple[int, int, str, str]] = field(default_factory=list)  # (start, end, words, quadrant)
+    positions: list[tuple[int, int, str, str]] = field(default_factory=list)  # (start, end, words, row)
     calls_empty: bool = False
 
 
@@ -132,14 +135,10 @@ def _parse_clause(text: str) -> _Clause:
             )
         )
     positions = [
-        (match.start(), match.end(), match[0], f"{_vertical(match['vertical'])} {match['horizontal']}")
+        (match.start(), match.end(), match[0], _ROW_OF_ORDINAL[match["ordinal"]])
         for match in _POSITION.finditer(text)
     ]
     return _Clause(mentions, positions, calls_empty=bool(_EMPTY.search(text)))
-
-
-def _vertical(word: str) -> str:
-    return "top" if word in ("top", "upper") else "bottom"
 
 
 def _assign_positions(clauses: list[_Clause]) -> None:
@@ -184,5 +183,5 @@ def _attribute_checks(mention: _Mention, group: Group) -> list[tuple[str, str, b
     if mention.size is not None:
         checks.append(("size", mention.size[0], mention.size[1] == group.size))
     if mention.position is not None:
-        checks.append(("position", mention.position[0], mention.position[1] == group.quadrant))
+        checks.append(("position", mention.position[0], mention.position[1] == group.row))
     return checks

@@ -1,7 +1,10 @@
-"""Synthetic scenes: groups of coloured shapes in the four quadrants of a picture, their rendering and captions.
+"""Synthetic scenes: groups of coloured shapes in the four rows (horizontal strips) of a picture, their rendering
+and captions.
 
-A scene holds one `Group` per occupied quadrant (2-4 of them); every attribute is drawn independently and uniformly
+A scene holds one `Group` per occupied row (2-4 of them); every attribute is drawn independently and uniformly
 from the vocabulary below. Geometry is kept in fractions of the image side, so one layout renders at any size.
+Rows, not quadrants: a row of the picture is a contiguous run of the vision tower's patches (row-major), so
+each caption phrase sits in the image tokens of its own row (see world/vision.py).
 """
 
 from __future__ import annotations
@@ -25,28 +28,30 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 SIZES: tuple[str, ...] = ("small", "large")
 COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 COUNTS: tuple[int, ...] = tuple(COUNT_WORDS)
-QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")  # reading order
+ROWS: tuple[str, ...] = ("top row", "second row", "third row", "bottom row")  # reading order
 
-# Geometry in units of the quadrant side. An object's footprint is its bounding square of side 2 * radius.
-_RADIUS = {"small": 0.10, "large": 0.19}
-_MARGIN = 0.05  # free border inside each quadrant
-_GAP = 0.05  # least free space between the footprints of two objects
+# Geometry in fractions of the image side. An object's footprint is its bounding square of side 2 * radius.
+_ROW_HEIGHT = 1.0 / len(ROWS)
+_RADIUS = {"small": 0.05, "large": 0.095}
+_MARGIN = 0.03  # free border inside each row (vertical) and at the picture's sides
+_GAP = 0.04  # least free space between the footprints of two objects
 _LAYOUT_TRIES = 200
-# The fallback layout puts objects into distinct cells of a 2x2 grid inside the margin. The largest footprint plus
-# the gap fits a cell, so three large objects always fit (they land there ~90% of the time; other groups ~never).
-_CELL = (1.0 - 2 * _MARGIN) / 2
-assert 2 * max(_RADIUS.values()) + _GAP <= _CELL
+# The fallback layout puts objects into distinct thirds of the row's width; the largest footprint plus the gap
+# fits a third, so three large objects always fit.
+_THIRD = (1.0 - 2 * _MARGIN) / 3
+assert 2 * max(_RADIUS.values()) + _GAP <= _THIRD
+assert 2 * max(_RADIUS.values()) + 2 * _MARGIN <= _ROW_HEIGHT
 
 
 @dataclass(frozen=True)
 class Group:
-    """`count` objects of one colour, shape and size, all inside `quadrant`."""
+    """`count` objects of one colour, shape and size, all inside `row`."""
 
     colour: str
     shape: str
     size: str
     count: int
-    quadrant: str
+    row: str
 
     def __post_init__(self) -> None:
         for value, allowed in (
@@ -54,7 +59,7 @@ class Group:
             (self.shape, SHAPES),
             (self.size, SIZES),
             (self.count, COUNTS),
-            (self.quadrant, QUADRANTS),
+            (self.row, ROWS),
         ):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
@@ -62,20 +67,20 @@ class Group:
 
 @dataclass(frozen=True)
 class Scene:
-    """Groups in reading order of their quadrants, at most one a quadrant; `seed` drives layout and background."""
+    """Groups in reading order of their rows, at most one a row; `seed` drives layout and background."""
 
     groups: tuple[Group, ...]
     seed: int
 
     def __post_init__(self) -> None:
-        order = [QUADRANTS.index(group.quadrant) for group in self.groups]
+        order = [ROWS.index(group.row) for group in self.groups]
         if order != sorted(set(order)):
-            raise ValueError("groups must occupy distinct quadrants, listed in reading order")
+            raise ValueError("groups must occupy distinct rows, listed in reading order")
         if self.seed < 0:
             raise ValueError("seed must be non-negative")
 
-    def group_at(self, quadrant: str) -> Group | None:
-        return next((group for group in self.groups if group.quadrant == quadrant), None)
+    def group_at(self, row: str) -> Group | None:
+        return next((group for group in self.groups if group.row == row), None)
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,14 @@ class PlacedObject:
 
 def make_scene(seed: int) -> Scene:
     rng = random.Random(seed)
-    occupied = sorted(rng.sample(range(len(QUADRANTS)), rng.randint(2, len(QUADRANTS))))
+    occupied = sorted(rng.sample(range(len(ROWS)), rng.randint(2, len(ROWS))))
     groups = tuple(
         Group(
             colour=rng.choice(COLOURS),
             shape=rng.choice(SHAPES),
             size=rng.choice(SIZES),
             count=rng.choice(COUNTS),
-            quadrant=QUADRANTS[index],
+            row=ROWS[index],
         )
         for index in occupied
     )
@@ -105,42 +110,34 @@ def make_scene(seed: int) -> Scene:
 
 
 def place_objects(scene: Scene) -> tuple[PlacedObject, ...]:
-    """Deterministic positions from the scene's seed: random non-overlapping footprints inside each quadrant."""
+    """Deterministic positions from the scene's seed: random non-overlapping footprints inside each row."""
     rng = random.Random(f"layout:{scene.seed}")
     return tuple(obj for group in scene.groups for obj in place_group(group, rng, _LAYOUT_TRIES))
 
 
 def place_group(group: Group, rng: random.Random, tries: int) -> tuple[PlacedObject, ...]:
-    """Rejection-sample `tries` layouts; if none fits, use the 2x2-cell layout, which always fits."""
+    """Rejection-sample `tries` layouts inside the group's row; if none fits, one object per third of the row."""
     radius = _RADIUS[group.size]
-    low, high = _MARGIN + radius, 1.0 - _MARGIN - radius
+    top = ROWS.index(group.row) * _ROW_HEIGHT
+    x_low, x_high = _MARGIN + radius, 1.0 - _MARGIN - radius
+    y_low, y_high = top + _MARGIN + radius, top + _ROW_HEIGHT - _MARGIN - radius
     for _ in range(tries):
         centres: list[tuple[float, float]] = []
         for _ in range(group.count):
-            candidate = (rng.uniform(low, high), rng.uniform(low, high))
+            candidate = (rng.uniform(x_low, x_high), rng.uniform(y_low, y_high))
             if not all(_apart(candidate, other, radius) for other in centres):
                 break
             centres.append(candidate)
         if len(centres) == group.count:
-            return _to_image(group, centres, radius)
-    slack = (_CELL - 2 * radius - _GAP) / 2
-    centres = []
-    for cell in rng.sample(range(4), group.count):
-        cell_x = _MARGIN + _CELL * (cell % 2 + 0.5)
-        cell_y = _MARGIN + _CELL * (cell // 2 + 0.5)
-        centres.append((cell_x + rng.uniform(-slack, slack), cell_y + rng.uniform(-slack, slack)))
-    return _to_image(group, centres, radius)
+            return tuple(PlacedObject(group, x, y, radius) for x, y in centres)
+    slack = (_THIRD - 2 * radius - _GAP) / 2
+    centres = [(_MARGIN + _THIRD * (third + 0.5) + rng.uniform(-slack, slack), rng.uniform(y_low, y_high))
+               for third in sorted(rng.sample(range(3), group.count))]
+    return tuple(PlacedObject(group, x, y, radius) for x, y in centres)
 
 
 def _apart(a: tuple[float, float], b: tuple[float, float], radius: float) -> bool:
     return max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2 * radius + _GAP
-
-
-def _to_image(group: Group, centres: list[tuple[float, float]], radius: float) -> tuple[PlacedObject, ...]:
-    """Quadrant units -> image fractions (a quadrant is half the image side)."""
-    index = QUADRANTS.index(group.quadrant)
-    left, top = 0.5 * (index % 2), 0.5 * (index // 2)
-    return tuple(PlacedObject(group, left + 0.5 * x, top + 0.5 * y, 0.5 * radius) for x, y in centres)
 
 
 def render(scene: Scene, size: int = 112) -> Image.Image:
@@ -174,11 +171,11 @@ def group_words(group: Group) -> str:
 
 
 def caption_phrases(scene: Scene) -> tuple[str, ...]:
-    """One phrase a quadrant, in reading order: 'top left: two small red circles.' or 'top right: empty.'."""
+    """One phrase a row, in reading order: 'top row: two small red circles.' or 'second row: empty.'."""
     phrases = []
-    for quadrant in QUADRANTS:
-        group = scene.group_at(quadrant)
-        phrases.append(f"{quadrant}: {group_words(group) if group else 'empty'}.")
+    for row in ROWS:
+        group = scene.group_at(row)
+        phrases.append(f"{row}: {group_words(group) if group else 'empty'}.")
     return tuple(phrases)
 
 
@@ -188,12 +185,12 @@ def scene_key(scene: Scene) -> str:
 
 
 def describe(scene: Scene) -> str:
-    """One plain-English sentence naming every group with its count, size, colour, shape and quadrant."""
+    """One plain-English sentence naming every group with its count, size, colour, shape and row."""
     parts = []
     for group in scene.groups:
         words = group_words(group)
         if group.count == 1:
             words = "a" + words.removeprefix("one")
-        parts.append(f"{words} in the {group.quadrant}")
+        parts.append(f"{words} in the {group.row}")
     listing = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
     return f"The image shows {listing}." if parts else "The image is empty."
