@@ -1,0 +1,73 @@
+"""The world builder end to end on the `tiny` preset: the real code path (GGUF conversion, vision side, target
+assembly, vLLM answers, teacher-forced data, stage 1, stage 2, blind EAGLE, manifest) at toy sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the `gguf` package (train extra) is needed to write the tiny GGUF")
+
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+from vispec_vllm.world.build import build_world  # noqa: E402
+from vispec_vllm.world.presets import PRESETS  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worlds")
+    lm = write_tiny_gguf(root / "tiny-lm.gguf", "llama", context_length=2048)
+    log: list[str] = []
+    world = build_world(PRESETS["tiny"], root, lm_path=lm.gguf_path, progress=False, log=log.append)
+    return world, lm, log
+
+
+def test_every_step_ran_and_the_manifest_hashes_every_artifact(tiny_world):
+    world, _, log = tiny_world
+    assert not any(line.endswith("cached") for line in log), log
+    manifest = json.loads(world.paths.manifest.read_text())
+    steps = set(manifest["step_seconds"])
+    assert {"language model", "vision side", "target VLM", "answers + teacher-forced data", "stage 1 (EAGLE)",
+            "stage 2 (ViSpec)", "stage 1 continued (blind EAGLE)"} <= steps
+    hashes = manifest["artifacts_sha256"]
+    for path in (world.vispec_draft / "model.safetensors", world.eagle_draft / "model.safetensors",
+                 world.target / "model.safetensors", world.paths.vision_weights):
+        key = str(path.relative_to(world.paths.root))
+        assert len(hashes[key]) == 64
+    assert manifest["grounding"]["heldout_images"]["samples"] == PRESETS["tiny"].eval_samples
+    assert manifest["command"]
+
+
+def test_drafts_have_equal_budget_and_the_right_structure(tiny_world):
+    from vispec_vllm.draft import ViSpecDraft
+
+    world, _, _ = tiny_world
+    vispec = ViSpecDraft.from_pretrained(world.vispec_draft, dtype=torch.float32)
+    blind = ViSpecDraft.from_pretrained(world.eagle_draft, dtype=torch.float32)
+    assert vispec.num_q == PRESETS["tiny"].num_q  # the image path
+    assert blind.num_q is None  # vision-blind: no adaptor
+    assert torch.equal(vispec.d2t, blind.d2t)  # the same reduced vocabulary, chosen once in stage 1
+    runs = world.paths.root / "runs"
+    steps = {}
+    for name in ("vispec", "eagle"):
+        records = [json.loads(line) for line in (runs / name / "train_log.jsonl").read_text().splitlines()]
+        steps[name] = records[-1]["step"]
+    assert steps["vispec"] == steps["eagle"] == PRESETS["tiny"].draft_stage2_steps
+
+
+def test_the_target_reads_the_image_and_a_second_build_is_all_cached(tiny_world, tmp_path):
+    world, lm, _ = tiny_world
+    config = json.loads((world.target / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["text_config"]["hidden_size"] == lm.reference.config.hidden_size
+    log: list[str] = []
+    again = build_world(PRESETS["tiny"], world.paths.root.parent, lm_path=lm.gguf_path, progress=False,
+                        log=log.append)
+    cached = [line for line in log if line.endswith("cached")]
+    assert len(cached) == 6, log  # every step but the LM check
+    assert again.paths.manifest.exists()

@@ -1,0 +1,71 @@
+"""World presets: which LM, how big the vision side, how much data and training.
+
+- `small`: the demo's world (SmolLM2-135M-Instruct); built in at most 15 minutes on a 2-core CPU.
+- `full`: the benchmark world (Qwen2.5-Coder-0.5B-Instruct, Q4-derived); at most 2 hours on a 2-core CPU.
+- `tiny`: the same code path at toy sizes, for CI (an LM given as a local GGUF or HF directory).
+
+The ViSpec draft gets stage 1 then stage 2 (`draft_stage1_steps` + `draft_stage2_steps`); the vision-blind EAGLE
+draft gets the same stage 1, then stage 1 continued for the stage-2 steps without the image path: same data,
+same seeds, same schedule, same total number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from vispec_vllm.world.vision import VisionSpec
+
+
+@dataclass(frozen=True)
+class WorldPreset:
+    name: str
+    lm: str  # an entry of world.lm.LM_SOURCES ("" = the LM is given on the command line)
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    vision_steps: int = 1500
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    train_samples: int = 384  # image questions answered by the target for draft training
+    eval_samples: int = 48  # per held-out split (grounded accuracy, benchmarks)
+    max_new_tokens: int = 160
+    draft_vocab_size: int | None = 2048  # reduced draft head (None: the target's full vocabulary)
+    draft_stage1_steps: int = 400
+    draft_stage2_steps: int = 400
+    draft_batch: int = 4
+    draft_lr: float = 1e-3
+    num_q: int = 2
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, WorldPreset] = {
+    "small": WorldPreset(name="small", lm="smollm2-135m"),
+    "full": WorldPreset(
+        name="full",
+        lm="qwen2.5-coder-0.5b",
+        vision=VisionSpec(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=6),
+        vision_steps=3000,
+        train_samples=1536,
+        eval_samples=96,
+        max_new_tokens=256,
+        draft_stage1_steps=1500,
+        draft_stage2_steps=1500,
+    ),
+    "tiny": WorldPreset(
+        name="tiny",
+        lm="",
+        # 256 image tokens (64 a row): a tiny BPE vocabulary spells the caption words in many pieces.
+        vision=VisionSpec(image_size=224, slots_per_phrase=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                          num_heads=2),
+        vision_steps=4,
+        vision_batch=8,
+        train_samples=8,
+        eval_samples=4,
+        max_new_tokens=24,
+        draft_vocab_size=128,
+        draft_stage1_steps=6,
+        draft_stage2_steps=6,
+        draft_batch=2,
+    ),
+}
