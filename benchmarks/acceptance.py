@@ -1,17 +1,15 @@
-"""Acceptance length, speedup and batched throughput: target alone vs stage-1 EAGLE vs ViSpec, in vLLM.
+"""Acceptance of the vision-blind EAGLE draft vs the ViSpec draft on a world's held-out splits, in vLLM.
 
-Measured the way the ViSpec paper does (README "Evaluation Results"):
-- tau = accepted draft tokens per drafting round, excluding the bonus token (vLLM's mean acceptance length
-  is tau + 1; both are printed);
-- speedup = mean over samples of (tokens / wall time) with the draft, divided by the same mean for the
-  target alone; samples run one at a time (batch 1), greedy, the wall time including prefill;
-plus batched throughput: all samples submitted at once (tokens / wall time of the whole batch).
+    python benchmarks/acceptance.py --preset small
 
-The default models are the embedded tiny ones (a factory Qwen2.5-VL target and a ViSpec draft trained on its
-outputs by `vispec_vllm.train.train_tiny_draft`; its stage-1 checkpoint is the EAGLE baseline). On a CPU such
-tiny models are dominated by per-step overhead, so speedups there say nothing about real models; the tau
-column is the meaningful one. Point --target/--vispec/--eagle at real models on a GPU for real numbers.
-Questions and images are generated here (held-out seeds), not from a public benchmark.
+Both drafts were trained on the same data for the same number of steps (world presets). For each held-out split
+(unseen images with training question wording; unseen images with unseen wording), each temperature (0 and 1)
+and each repeat, the two drafts run the same requests batched in one engine each, alternating. Reported:
+- AL: vLLM's mean acceptance length, tokens per target step including the bonus token (1 + accepted/rounds);
+- tau: the paper's convention, accepted draft tokens per round (AL - 1);
+- per-position acceptance: share of rounds whose draft token k was accepted;
+with the median and [min-max] over repeats (T=0 repeats are identical by construction; T=1 uses a new seed
+per repeat). Writes benchmarks/results/acceptance.json and acceptance.png.
 """
 
 from __future__ import annotations
@@ -19,136 +17,166 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = ("Describe the picture in detail.", "What is in this image?", "Describe the shapes in the image.",
-             "What can you see on the left side?", "What is the scene?", "How many objects are there?")
+SPLITS = ("heldout_images", "heldout_questions")
+ARMS = ("blind EAGLE", "ViSpec")
 
 
 @dataclass
-class MethodResult:
-    method: str
-    tau: float  # accepted drafts per round (paper convention)
-    mean_acceptance_length: float  # vLLM convention: tau + 1
-    per_position_acceptance: list[float]
-    batch1_tokens_per_s: float  # mean over samples of tokens / seconds
-    batched_tokens_per_s: float
-    speedup: float = 1.0
-    batched_speedup: float = 1.0
+class Point:
+    arm: str
+    split: str
+    temperature: float
+    repeat: int
+    mean_acceptance_length: float
+    tau: float
+    per_position: list[float]
+    drafts: int
+    tokens: int
 
 
-def conversations(num: int, seed_offset: int = 5000) -> list[list[dict]]:
-    from vispec_vllm.factory import make_test_image
-    from vispec_vllm.media import image_part
-
-    return [
-        [{"role": "user", "content": [image_part(make_test_image(seed_offset + i)),
-                                      {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]
-        for i in range(num)
-    ]
-
-
-def measure(method: str, target: Path, draft: Path | None, convs, args) -> MethodResult:
-    from vllm import LLM, SamplingParams
+def measure(llm, conversations, temperature: float, max_tokens: int, seed: int) -> tuple:
+    from vllm import SamplingParams
 
     from vispec_vllm.engine.metrics import SpecDecodeCounters
 
-    spec = None if draft is None else {"method": "eagle", "model": str(draft),
-                                       "num_speculative_tokens": args.num_speculative_tokens}
-    llm = LLM(model=str(target), dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
-              max_num_seqs=len(convs), limit_mm_per_prompt={"image": 1}, speculative_config=spec,
-              disable_log_stats=False, seed=0)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        llm.chat(convs[:2], params, use_tqdm=False)  # warm-up (3 in the paper; 1 suffices for eager CPU)
-        before = SpecDecodeCounters.from_metrics(llm.get_metrics())
-        rates = []
-        for conv in convs:
-            start = time.perf_counter()
-            out = llm.chat([conv], params, use_tqdm=False)[0]
-            rates.append(len(out.outputs[0].token_ids) / (time.perf_counter() - start))
-        counters = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
-        start = time.perf_counter()
-        outs = llm.chat(convs, params, use_tqdm=False)
-        batched = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    mal = counters.mean_acceptance_length
-    return MethodResult(method, mal - 1.0, mal, counters.per_position_rate, sum(rates) / len(rates), batched)
+    before = SpecDecodeCounters.from_metrics(llm.get_metrics())
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=None if temperature == 0 else
+                             seed * 100_003 + i) for i in range(len(conversations))]
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    counters = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
+    return counters, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def plot(results: list[MethodResult], path: Path) -> None:
+def summarise(points: list[Point]) -> list[dict]:
+    rows = []
+    keys = sorted({(p.split, p.temperature, p.arm) for p in points}, key=lambda k: (k[0], k[1], ARMS.index(k[2])))
+    for split, temperature, arm in keys:
+        group = [p for p in points if (p.split, p.temperature, p.arm) == (split, temperature, arm)]
+        als = [p.mean_acceptance_length for p in group]
+        width = max(len(p.per_position) for p in group)
+        rows.append({"split": split, "temperature": temperature, "arm": arm, "repeats": len(group),
+                     "al_median": statistics.median(als), "al_min": min(als), "al_max": max(als),
+                     "tau_median": statistics.median(als) - 1.0,
+                     "per_position": [statistics.median(p.per_position[k] for p in group) for k in range(width)]})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = [r.method for r in results]
-    for ax, values, title in zip(
-        axes,
-        ([r.tau for r in results], [r.speedup for r in results], [r.batched_tokens_per_s for r in results]),
-        ("tau (accepted drafts / round)", "speedup, batch 1", "batched throughput (tok/s)"),
-        strict=True,
-    ):
-        ax.bar(names, values, color=["#999999", "#4C72B0", "#DD8452"][: len(names)])
-        ax.set_title(title)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+    settings = sorted({(r["split"], r["temperature"]) for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.38
+    for a, arm in enumerate(ARMS):
+        arm_rows = [next(r for r in rows if (r["split"], r["temperature"], r["arm"]) == (*s, arm)) for s in settings]
+        xs = [i + (a - 0.5) * width for i in range(len(settings))]
+        medians = [r["al_median"] for r in arm_rows]
+        errors = [[m - r["al_min"] for m, r in zip(medians, arm_rows, strict=True)],
+                  [r["al_max"] - m for m, r in zip(medians, arm_rows, strict=True)]]
+        left.bar(xs, medians, width, yerr=errors, label=arm, capsize=3)
+        for x, m in zip(xs, medians, strict=True):
+            left.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+        for s, r in zip(settings, arm_rows, strict=True):
+            style = "-" if s[1] == 0 else "--"
+            right.plot(range(1, len(r["per_position"]) + 1), r["per_position"], style, marker="o",
+                       color=f"C{a}", label=f"{arm}, {s[0]}, T={s[1]:g}")
+    left.set_xticks(range(len(settings)), [f"{s}\nT={t:g}" for s, t in settings], fontsize=8)
+    left.set_ylabel("mean acceptance length (incl. bonus)")
+    left.set_title("AL, median [min-max] over repeats")
+    left.legend()
+    right.set_xlabel("draft position")
+    right.set_ylabel("acceptance rate")
+    right.set_title("per-position acceptance (median)")
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, help="target model dir (default: tiny factory Qwen2.5-VL)")
-    parser.add_argument("--vispec", type=Path, help="ViSpec draft dir (default: tiny trained draft)")
-    parser.add_argument("--eagle", type=Path, help="stage-1 EAGLE draft dir (default: the tiny stage-1 checkpoint)")
-    parser.add_argument("--samples", type=int, default=12)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--samples", type=int, default=48, help="requests per held-out split")
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    from vispec_vllm.console import quiet_vllm
+
+    quiet_vllm(args.verbose)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    target, vispec, eagle = args.target, args.vispec, args.eagle
-    if target is None:
-        from vispec_vllm.factory import build_tiny_target
-        from vispec_vllm.train import train_tiny_draft
-        from vispec_vllm.train.trainer import EXPORT_DIR
+    from vispec_vllm.console import engine_output_to
+    from vispec_vllm.world.build import DEFAULT_ROOT, build_world
+    from vispec_vllm.world.presets import PRESETS
 
-        work = ROOT / "artifacts" / "demo"
-        target = build_tiny_target("qwen2_5_vl", work / "qwen2_5_vl")
-        vispec = train_tiny_draft(target, work / "qwen2_5_vl-vispec-draft", steps=args.train_steps)
-        eagle = work / "qwen2_5_vl-vispec-draft" / "stage1" / EXPORT_DIR
-    convs = conversations(args.samples)
-    results = [measure("target alone", target, None, convs, args)]
-    if eagle is not None:
-        results.append(measure("EAGLE (stage 1)", target, eagle, convs, args))
-    if vispec is not None:
-        results.append(measure("ViSpec", target, vispec, convs, args))
-    for r in results:
-        r.speedup = r.batch1_tokens_per_s / results[0].batch1_tokens_per_s
-        r.batched_speedup = r.batched_tokens_per_s / results[0].batched_tokens_per_s
-
-    print(f"\n{args.samples} image questions x <= {args.max_tokens} tokens, greedy, {args.dtype}, "
-          f"K={args.num_speculative_tokens}; target {target}")
-    print(f"{'method':<18}{'tau':>6}{'MAL':>6}{'batch-1 tok/s':>15}{'speedup':>9}{'batched tok/s':>15}{'ratio':>7}"
-          "  per-position acceptance")
-    for r in results:
-        print(f"{r.method:<18}{r.tau:>6.2f}{r.mean_acceptance_length:>6.2f}{r.batch1_tokens_per_s:>15.1f}"
-              f"{r.speedup:>9.2f}{r.batched_tokens_per_s:>15.1f}{r.batched_speedup:>7.2f}  "
-              f"{[round(p, 2) for p in r.per_position_acceptance]}")
+    world = build_world(PRESETS[args.preset], args.root or DEFAULT_ROOT, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "acceptance.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    plot(results, args.out / "acceptance.png")
-    print(f"wrote {args.out / 'acceptance.json'} and {args.out / 'acceptance.png'}")
+    log_path = None if args.verbose else args.out / "acceptance.log"
+    with engine_output_to(log_path) as out:
+        return _benchmark(args, world, out)
+
+
+def _benchmark(args: argparse.Namespace, world, out) -> int:
+    from vispec_vllm.world.engines import shutdown, start_engine
+    from vispec_vllm.world.prompts import chat_messages
+    from vispec_vllm.world.scenes import make_scene, render
+    from vispec_vllm.world.splits import split_samples
+
+    requests = {split: [chat_messages(render(make_scene(s.scene_seed)), s.question)
+                        for s in split_samples(split, args.samples)] for split in SPLITS}
+    drafts = {"blind EAGLE": world.eagle_draft, "ViSpec": world.vispec_draft}
+    engines = {arm: start_engine(world.target, drafts[arm], num_speculative_tokens=args.num_speculative_tokens,
+                                 max_num_seqs=args.samples) for arm in ARMS}
+    points: list[Point] = []
+    try:
+        for repeat in range(args.repeats):
+            for temperature in args.temperatures:
+                for split in SPLITS:
+                    order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
+                    for arm in order:
+                        counters, tokens = measure(engines[arm], requests[split], temperature, args.max_tokens,
+                                                   seed=repeat)
+                        point = Point(arm, split, temperature, repeat, counters.mean_acceptance_length,
+                                      counters.mean_acceptance_length - 1.0, counters.per_position_rate,
+                                      counters.drafts, tokens)
+                        points.append(point)
+                        print(f"[bench] repeat {repeat + 1} T={temperature:g} {split:<18} {arm:<12} "
+                              f"AL {point.mean_acceptance_length:.2f}", file=out)
+    finally:
+        for llm in engines.values():
+            shutdown(llm)
+
+    rows = summarise(points)
+    print(f"\n{world.preset.name} world, {args.samples} requests per split x <= {args.max_tokens} tokens, "
+          f"K={args.num_speculative_tokens}, float32, {args.repeats} repeats (median [min-max])", file=out)
+    print(f"{'split':<18}{'T':>4}  {'arm':<12}{'AL':>18}{'tau':>7}  per-position acceptance   ViSpec/EAGLE AL",
+          file=out)
+    for row in rows:
+        ratio = ""
+        if row["arm"] == "ViSpec":
+            blind = next(r for r in rows if (r["split"], r["temperature"], r["arm"]) ==
+                         (row["split"], row["temperature"], "blind EAGLE"))
+            ratio = f"{row['al_median'] / blind['al_median']:.2f}x"
+        al = f"{row['al_median']:.2f} [{row['al_min']:.2f}-{row['al_max']:.2f}]"
+        print(f"{row['split']:<18}{row['temperature']:>4g}  {row['arm']:<12}{al:>18}{row['tau_median']:>7.2f}  "
+              f"{str([round(p, 2) for p in row['per_position']]):<26}{ratio}", file=out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "acceptance.json").write_text(json.dumps({"rows": rows, "points": [asdict(p) for p in points],
+                                                          "world": str(world.paths.root)}, indent=1))
+    plot(rows, args.out / "acceptance.png")
+    print(f"wrote {args.out / 'acceptance.json'} and {args.out / 'acceptance.png'}", file=out)
     return 0
 
 

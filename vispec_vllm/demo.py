@@ -1,97 +1,111 @@
-"""`python -m vispec_vllm.demo`: ViSpec speculative decoding on the embedded tiny models, end to end.
+"""`python -m vispec_vllm.demo`: ViSpec speculative decoding on the small real-language world, end to end.
 
-Builds (once, cached under artifacts/demo) a tiny Qwen2.5-VL target and a ViSpec draft trained on the
-target's own outputs, then runs the same image+text chat batch through vLLM twice, without and with the
-ViSpec draft, and prints: whether the greedy outputs are identical (they must be), the mean acceptance
-length, per-position acceptance, and the wall-clock of both runs. Tiny models are dominated by per-step
-overhead on a CPU, so the speed ratio here says nothing about real models; benchmarks/ has the real numbers.
+The small world (built on first run, cached under artifacts/worlds/small; `python -m vispec_vllm.world`) is a
+LLaVA-architecture VLM whose language model is SmolLM2-135M-Instruct (real, Q4-derived weights) and whose
+vision side was trained here on synthetic scenes, plus a ViSpec draft trained on the target's own answers.
+The demo asks the target about held-out images (and held-out question wording), alone and with the ViSpec
+draft, one request at a time, alternating the two engines over several rounds, and prints the answers, whether
+the outputs are identical, the mean acceptance length and the batch-1 speedup measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import statistics
+import textwrap
 from pathlib import Path
 
+from vispec_vllm.console import engine_output_to, quiet_vllm
 from vispec_vllm.engine.metrics import SpecDecodeCounters
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "artifacts" / "demo"
-QUESTIONS = (
-    "Describe this image in detail.",
-    "What colours and shapes can you see?",
-    "Write a short story about this picture.",
-    "Explain what is happening in the image.",
-)
 
-
-def build_models(root: Path, family: str, train_steps: int) -> tuple[Path, Path]:
-    from vispec_vllm.factory import build_tiny_target
-    from vispec_vllm.train import train_tiny_draft
-
-    target = build_tiny_target(family, root / family)
-    draft = train_tiny_draft(target, root / f"{family}-vispec-draft", steps=train_steps)
-    return target, draft
-
-
-def chat_batch(num_requests: int) -> list[list[dict]]:
-    from vispec_vllm.factory import make_test_image
-    from vispec_vllm.media import image_part
-
-    conversations = []
-    for i in range(num_requests):
-        content = [
-            image_part(make_test_image(seed=i)),
-            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
-        ]
-        conversations.append([{"role": "user", "content": content}])
-    return conversations
-
-
-def run(target: Path, draft: Path | None, conversations, max_tokens: int, num_spec: int):
-    from vllm import LLM, SamplingParams
-
-    spec = None if draft is None else {"method": "eagle", "model": str(draft), "num_speculative_tokens": num_spec}
-    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=16,
-              limit_mm_per_prompt={"image": 1}, speculative_config=spec, disable_log_stats=False, seed=0)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
-        before = SpecDecodeCounters.from_metrics(llm.get_metrics())
-        start = time.perf_counter()
-        outputs = llm.chat(conversations, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        counters = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
-        return [o.outputs[0].token_ids for o in outputs], elapsed, counters
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} tok/s [{min(values):.1f}-{max(values):.1f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "llava", "llava_next"))
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where models are built and cached")
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = argparse.ArgumentParser(prog="python -m vispec_vllm.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of both engines")
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--root", type=Path, default=None, help="where worlds are built (default artifacts/worlds)")
+    parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs")
     args = parser.parse_args(argv)
+    quiet_vllm(args.verbose)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    target, draft = build_models(args.root, args.family, args.train_steps)
-    conversations = chat_batch(args.requests)
-    base_tokens, base_s, _ = run(target, None, conversations, args.max_tokens, args.num_speculative_tokens)
-    spec_tokens, spec_s, counters = run(target, draft, conversations, args.max_tokens, args.num_speculative_tokens)
+    from vispec_vllm.world.build import DEFAULT_ROOT, build_world
+    from vispec_vllm.world.presets import PRESETS
 
-    identical = base_tokens == spec_tokens
-    total = sum(len(t) for t in base_tokens)
-    print(f"\ntarget {target}\ndraft  {draft}")
-    print(f"{args.requests} image+text chats x {args.max_tokens} tokens, greedy, float32")
-    print(f"outputs identical to the target alone: {identical}")
-    print(f"mean acceptance length (vLLM, incl. bonus token): {counters.mean_acceptance_length:.2f}")
-    print(f"ViSpec tau (accepted drafts per step, paper convention): {counters.mean_acceptance_length - 1:.2f}")
-    print(f"per-position acceptance rate: {[round(r, 3) for r in counters.per_position_rate]}")
-    print(f"baseline {total / base_s:.1f} tok/s, ViSpec {total / spec_s:.1f} tok/s (tiny model on CPU: overhead-bound)")
+    world = build_world(PRESETS[args.preset], args.root or DEFAULT_ROOT, progress=True)
+    log_path = None if args.verbose else world.paths.root / "demo.log"
+    with engine_output_to(log_path) as out:
+        return _run(args, world, out, log_path)
+
+
+def _run(args: argparse.Namespace, world, out, log_path: Path | None) -> int:
+    from vllm import SamplingParams
+
+    from vispec_vllm.world.engines import run_batch1, shutdown, start_engine
+    from vispec_vllm.world.prompts import chat_messages
+    from vispec_vllm.world.scenes import caption_phrases, make_scene, render
+    from vispec_vllm.world.splits import split_samples
+
+    samples = split_samples("heldout_questions", args.images)
+    scenes = [make_scene(s.scene_seed) for s in samples]
+    conversations = [chat_messages(render(scene), s.question) for scene, s in zip(scenes, samples, strict=True)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+
+    where = f" (engine logs: {log_path})" if log_path else ""
+    print(f"[demo] starting the target alone and the target + ViSpec draft (vLLM, CPU, float32){where} ...",
+          file=out)
+    engines = {"target alone": start_engine(world.target, None),
+               "ViSpec": start_engine(world.target, world.vispec_draft,
+                                      num_speculative_tokens=args.num_speculative_tokens)}
+    try:
+        for llm in engines.values():
+            llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        runs = {}
+        before = SpecDecodeCounters.from_metrics(engines["ViSpec"].get_metrics())
+        identical = True
+        for round_index in range(args.rounds):
+            order = list(engines) if round_index % 2 == 0 else list(reversed(engines))
+            for name in order:
+                run = run_batch1(engines[name], conversations, params)
+                rates[name].append(run.tokens_per_second)
+                runs[name] = run
+            identical &= runs["target alone"].token_ids == runs["ViSpec"].token_ids
+            print(f"[demo] round {round_index + 1}/{args.rounds}: target alone "
+                  f"{rates['target alone'][-1]:.1f} tok/s, ViSpec {rates['ViSpec'][-1]:.1f} tok/s", file=out)
+        counters = SpecDecodeCounters.from_metrics(engines["ViSpec"].get_metrics()) - before
+    finally:
+        for llm in engines.values():
+            shutdown(llm)
+
+    target_run = runs["target alone"]
+    lines = [f"\nSmall world: {world.lm_provenance.get('upstream', 'SmolLM2-135M-Instruct')} (Q4-derived weights) "
+             "+ a vision side trained here on synthetic scenes (not a real VLM's figures)"]
+    for index, (sample, scene) in enumerate(zip(samples, scenes, strict=True)):
+        answer = textwrap.shorten(" ".join(target_run.texts[index].split()), 240, placeholder=" ...")
+        lines += [f"image {index + 1} (held-out) shows: {' '.join(caption_phrases(scene))}",
+                  f"  Q: {sample.question}",
+                  textwrap.fill(answer, 110, initial_indent="  A: ", subsequent_indent="     ")]
+    speedups = [v / t for v, t in zip(rates["ViSpec"], rates["target alone"], strict=True)]
+    lines += [
+        f"\noutputs identical to the target alone (greedy, float32): {'yes' if identical else 'NO'} "
+        f"({len(samples)} answers x {args.rounds} rounds, {target_run.tokens} tokens a round)",
+        f"mean acceptance length: {counters.mean_acceptance_length:.2f} (vLLM convention, bonus token included; "
+        f"K={args.num_speculative_tokens}); per position {[round(r, 2) for r in counters.per_position_rate]}",
+        f"batch 1, {args.rounds} alternated rounds: target alone {_spread(rates['target alone'])}, "
+        f"ViSpec {_spread(rates['ViSpec'])}",
+        f"speedup: {statistics.median(speedups):.2f}x [{min(speedups):.2f}-{max(speedups):.2f}]",
+    ]
+    print("\n".join(lines), file=out)
     return 0 if identical else 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "export-prebuilt":
         return _export(args)
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vispec_vllm.console import quiet_vllm
+
+    quiet_vllm(args.verbose)
     from vispec_vllm.world.build import DEFAULT_ROOT, build_world
     from vispec_vllm.world.presets import PRESETS
 

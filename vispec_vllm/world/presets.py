@@ -20,16 +20,16 @@ from vispec_vllm.world.vision import VisionSpec
 class WorldPreset:
     name: str
     lm: str  # an entry of world.lm.LM_SOURCES ("" = the LM is given on the command line)
-    vision: VisionSpec = field(default_factory=VisionSpec)
-    vision_steps: int = 1500
+    vision: VisionSpec = field(default_factory=lambda: VisionSpec(num_layers=3))
+    vision_steps: int = 2500
     vision_batch: int = 32
-    vision_lr: float = 1e-3
+    vision_lr: float = 2e-3
     train_samples: int = 384  # image questions answered by the target for draft training
     eval_samples: int = 48  # per held-out split (grounded accuracy, benchmarks)
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128
     draft_vocab_size: int | None = 2048  # reduced draft head (None: the target's full vocabulary)
-    draft_stage1_steps: int = 400
-    draft_stage2_steps: int = 400
+    draft_stage1_steps: int = 600
+    draft_stage2_steps: int = 600
     draft_batch: int = 4
     draft_lr: float = 1e-3
     num_q: int = 2
