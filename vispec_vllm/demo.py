@@ -63,6 +63,8 @@ def _run(args: argparse.Namespace, world, out, log_path: Path | None) -> int:
     where = f" (engine logs: {log_path})" if log_path else ""
     print(f"[demo] starting the target alone and the target + ViSpec draft (vLLM, CPU, float32){where} ...",
           file=out)
+    # The ViSpec engine is started last: vLLM's metrics live in one process-wide registry, taken over by the
+    # engine created last, and only the ViSpec engine's speculative-decoding counters are read.
     engines = {"target alone": start_engine(world.target, None),
                "ViSpec": start_engine(world.target, world.vispec_draft,
                                       num_speculative_tokens=args.num_speculative_tokens)}
