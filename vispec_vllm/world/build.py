@@ -273,6 +273,7 @@ def build_world(preset: WorldPreset, root: Path = DEFAULT_ROOT, *, lm_path: Path
     """Build (or finish) the world; with committed trained parts for this preset (configs/worlds/<preset>, and
     not `from_scratch`), the vision side, grounding report and drafts are taken from there instead of trained."""
     from vispec_vllm.world.prebuilt import Prebuilt
+    from vispec_vllm.world.vision import caption_codebook
 
     paths = WorldPaths(Path(root) / preset.name)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -288,7 +289,8 @@ def build_world(preset: WorldPreset, root: Path = DEFAULT_ROOT, *, lm_path: Path
     lm_dir = Path(lm["dir"])  # type: ignore[arg-type]
     if prebuilt is not None:
         prebuilt.check_lm(lm["provenance"])  # type: ignore[arg-type]
-        steps.run("vision side (committed)", paths.vision_weights.exists, lambda: prebuilt.restore_vision(paths))
+        steps.run("vision side (committed)", paths.vision_weights.exists,
+                  lambda: prebuilt.restore_vision(paths, caption_codebook(_caption_targets(lm_dir, preset))))
     steps.run("vision side", paths.vision_weights.exists, lambda: _train_vision(preset, lm_dir, paths, progress))
     steps.run("target VLM", lambda: (paths.target / "model.safetensors").exists(),
               lambda: _assemble(preset, lm_dir, paths))

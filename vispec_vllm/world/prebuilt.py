@@ -1,6 +1,7 @@
-"""Committed trained parts of a world (configs/worlds/<preset>/): the vision side, the two drafts without their
-copy of the LM's embedding (bfloat16 weights, `d2t` int64), the vision and grounding reports, and
-`prebuilt.json` (sha256 of each file, the LM they were trained with, the command that rebuilds them).
+"""Committed trained parts of a world (configs/worlds/<preset>/): the vision side without its codebook (the
+projector's second layer, rebuilt from the LM's embeddings), the two drafts without their copy of the LM's
+embedding (bfloat16 weights, `d2t` int64), the vision and grounding reports, and `prebuilt.json` (sha256 of
+each file, the LM they were trained with, the command that rebuilds them).
 
 They make the demo's first run short: only the LM is fetched and converted and the target assembled. A restored
 draft gets its `embed_tokens.weight` back from the target, so it is an official-format draft again.
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vispec_vllm.world.presets import WorldPreset
+from vispec_vllm.world.vision import CODEBOOK_KEY
 
 MANIFEST = "prebuilt.json"
 DRAFTS = ("vispec", "eagle")
@@ -54,9 +56,15 @@ class Prebuilt:
             raise ValueError(f"the committed parts in {self.root} were trained with LM GGUF {wanted[:12]}..., "
                              f"this LM is {got[:12]}...; rebuild with: {self.manifest['rebuild']}")
 
-    def restore_vision(self, paths) -> None:
-        for name in ("vision_side.safetensors", "vision_report.json"):
-            shutil.copyfile(self.root / name, paths.root / name)
+    def restore_vision(self, paths, codebook: torch.Tensor) -> None:
+        """The committed vision side with its codebook (the projector's second layer, a function of the LM's
+        embeddings, not committed) put back."""
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(self.root / "vision_side.safetensors"))
+        state[CODEBOOK_KEY] = codebook.float().contiguous()
+        save_file(dict(sorted(state.items())), str(paths.vision_weights), metadata={"format": "pt"})
+        shutil.copyfile(self.root / "vision_report.json", paths.vision_report)
 
     def restore_drafts(self, paths) -> None:
         from safetensors.torch import load_file, save_file
@@ -87,7 +95,9 @@ def export_prebuilt(world, out_root: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "drafts").mkdir(parents=True)
-    shutil.copyfile(world.paths.vision_weights, tmp / "vision_side.safetensors")
+    vision = load_file(str(world.paths.vision_weights))
+    vision.pop(CODEBOOK_KEY)
+    save_file(dict(sorted(vision.items())), str(tmp / "vision_side.safetensors"), metadata={"format": "pt"})
     for report in REPORTS:
         shutil.copyfile(world.paths.root / report, tmp / report)
     for name in DRAFTS:

@@ -113,22 +113,30 @@ class VisionSide(nn.Module):
         projector = self.multi_modal_projector
         return projector.linear_2(projector.act(self.code(pixel_values)))
 
-    @torch.no_grad()
-    def set_codebook(self, class_embeds: torch.Tensor) -> None:
-        """linear_2 := [class_embeds^T / gelu(CODE_ON) | 0], no bias: code -> the class's embedding."""
-        linear = self.multi_modal_projector.linear_2
-        classes, hidden = class_embeds.shape
-        if classes > linear.in_features:
-            raise ValueError(f"{classes} caption tokens > {linear.in_features} projector units")
-        on = nn.functional.gelu(torch.tensor(CODE_ON))
-        linear.weight.zero_()
-        linear.weight[:, :classes] = class_embeds.T / on
-        if linear.bias is not None:
-            linear.bias.zero_()
-
     def llava_state_dict(self) -> dict[str, torch.Tensor]:
         """Keys as LlavaForConditionalGeneration names them: `model.vision_tower.*`, `model.multi_modal_projector.*`."""
         return {f"model.{k}": v.detach().clone() for k, v in self.state_dict().items()}
+
+
+CODEBOOK_KEY = "model.multi_modal_projector.linear_2.weight"
+
+
+def codebook_weight(class_embeds: torch.Tensor, units: int) -> torch.Tensor:
+    """[H, units] = [class_embeds^T / gelu(CODE_ON) | 0]: code unit c at CODE_ON -> class c's embedding."""
+    classes, _ = class_embeds.shape
+    if classes > units:
+        raise ValueError(f"{classes} caption tokens > {units} projector units")
+    on = nn.functional.gelu(torch.tensor(CODE_ON))
+    weight = class_embeds.new_zeros(class_embeds.shape[1], units)
+    weight[:, :classes] = class_embeds.T / on
+    return weight
+
+
+def caption_codebook(targets: CaptionTargets) -> torch.Tensor:
+    """[H, H] the projector's second layer for `targets` (the LM's embeddings of every caption token)."""
+    embeddings = targets.embeddings.float()
+    vocab = caption_vocabulary(targets, all_caption_phrases())
+    return codebook_weight(embeddings[vocab], embeddings.shape[1])
 
 
 class CaptionTargets:
@@ -255,8 +263,11 @@ def train_vision_side(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = VisionSide(spec, embeddings.shape[1])
-    model.set_codebook(embeddings[vocab])
-    model.multi_modal_projector.linear_2.requires_grad_(False)
+    codebook = model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        codebook.weight.copy_(caption_codebook(targets))
+        codebook.bias.zero_()
+    codebook.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
