@@ -92,6 +92,7 @@ def plot(rows: list[dict], path: Path) -> None:
     left.set_ylabel("mean acceptance length (incl. bonus)")
     left.set_title("AL, median [min-max] over repeats")
     left.legend()
+    right.set_xticks(range(1, max(len(r["per_position"]) for r in rows) + 1))
     right.set_xlabel("draft position")
     right.set_ylabel("acceptance rate")
     right.set_title("per-position acceptance (median)")
