@@ -109,6 +109,33 @@ def tiny_run(tiny_data):
     return SimpleNamespace(target=tiny_data.target, work=tiny_data.work, draft=draft)
 
 
+@pytest.fixture(scope="session")
+def trained_draft(model_root, tiny_target) -> Path:
+    """A trained ViSpec draft (full vocabulary; built once, ~2 min, then cached with the factory models): random
+    drafts are never accepted, so they would not exercise the accept path of rejection sampling."""
+    from vispec_vllm.factory import FACTORY_VERSION
+    from vispec_vllm.train import train_tiny_draft
+
+    work = model_root / f"qwen2_5_vl-s0-trained-draft-v{FACTORY_VERSION}"
+    return train_tiny_draft(tiny_target("qwen2_5_vl"), work, seed=0, steps=TINY_RUN_STEPS, max_new_tokens=48)
+
+
+REDUCED_VOCAB = 256  # of the factory target's 1024
+
+
+@pytest.fixture(scope="session")
+def trained_reduced_draft(model_root, tiny_target, trained_draft) -> Path:
+    """A trained ViSpec draft with a reduced vocabulary (`REDUCED_VOCAB` ids, `d2t`), trained as `trained_draft`
+    and on its data; built once (~1 min), then cached with the factory models."""
+    from vispec_vllm.factory import FACTORY_VERSION
+    from vispec_vllm.train import train_tiny_draft
+
+    full_work = trained_draft.parents[1]  # the draft is <work>/stage2/draft; its data lies in <work>
+    work = model_root / f"qwen2_5_vl-s0-trained-draft-vocab{REDUCED_VOCAB}-v{FACTORY_VERSION}"
+    return train_tiny_draft(tiny_target("qwen2_5_vl"), work, seed=0, steps=TINY_RUN_STEPS,
+                            draft_vocab_size=REDUCED_VOCAB, data=(full_work / "data_image", full_work / "data_text"))
+
+
 def shutdown_llm(llm) -> None:
     """Stop the engine core and its worker processes (orphans hold ~1.7 GiB each)."""
     with contextlib.suppress(Exception):

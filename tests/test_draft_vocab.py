@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REDUCED_VOCAB
 from safetensors.torch import load_file, save_file
 from test_checkpoint import official_style_dir
 from test_draft_model import random_draft, random_inputs, tiny_config
@@ -324,15 +325,12 @@ def test_the_training_loss_over_a_whole_vocabulary_subset_is_the_full_loss(tiny_
 
 # ------------------------------------------------------------------------------------------ in vLLM
 
-REDUCED_VOCAB = 256  # of the factory target's 1024
-
-
 @pytest.fixture(scope="module")
-def served(tiny_data, tmp_path_factory):
-    """A tiny reduced-vocabulary draft trained on the session's tiny data, served with its target: greedy outputs
-    of the target alone and with the draft (K=3), counters, the draft's recorded proposals, and the live draft's
-    logits on random hidden states next to the target lm_head's."""
-    from conftest import TINY_RUN_STEPS, vllm_engine
+def served(tiny_target, trained_reduced_draft):
+    """The session's trained reduced-vocabulary draft (conftest), served with its target: greedy outputs of the
+    target alone and with the draft (K=3), counters, the draft's recorded proposals, and the live draft's logits
+    on random hidden states next to the target lm_head's."""
+    from conftest import vllm_engine
     from parity import drafter_of
     from vllm import SamplingParams
 
@@ -340,16 +338,14 @@ def served(tiny_data, tmp_path_factory):
     from vispec_vllm.engine.recorder import ProposalRecorder
     from vispec_vllm.factory import make_test_image
     from vispec_vllm.media import image_part
-    from vispec_vllm.train import train_tiny_draft
 
-    draft = train_tiny_draft(tiny_data.target, tmp_path_factory.mktemp("tiny_reduced"), seed=0, steps=TINY_RUN_STEPS,
-                             draft_vocab_size=REDUCED_VOCAB, data=tiny_data.dirs)
+    target, draft = tiny_target("qwen2_5_vl"), trained_reduced_draft
     questions = ("Describe the picture in detail.", "What is in this image?", "What is the scene?")
     conversations = [[{"role": "user", "content": [image_part(make_test_image(900 + i)),
                                                    {"type": "text", "text": questions[i % 3]}]}] for i in range(6)]
     conversations.append([{"role": "user", "content": "Tell me about the old house."}])
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    common = dict(model=str(tiny_data.target), limit_mm_per_prompt={"image": 1})
+    common = dict(model=str(target), limit_mm_per_prompt={"image": 1})
     with vllm_engine(**common) as llm:
         expected = [o.outputs[0].token_ids for o in llm.chat(conversations, params, use_tqdm=False)]
     spec = {"method": "eagle", "model": str(draft), "num_speculative_tokens": 3}
@@ -361,7 +357,7 @@ def served(tiny_data, tmp_path_factory):
         model = drafter.model
         head_after_serving = model.draft_vocab_head
         hidden = torch.randn(5, model.vispec_config.hidden_size, generator=torch.Generator().manual_seed(0))
-        return SimpleNamespace(draft=draft, target=tiny_data.target, expected=expected, got=got, counters=counters,
+        return SimpleNamespace(draft=draft, target=target, expected=expected, got=got, counters=counters,
                                recorder=drafter.recorder, d2t=model.d2t.clone(), head_after_serving=head_after_serving,
                                logits=model.compute_logits(hidden), head_after_logits=model.draft_vocab_head,
                                full_logits=model.logits_processor(model.lm_head, hidden),
