@@ -1,5 +1,7 @@
 """The world builder end to end on the `tiny` preset: the real code path (GGUF conversion, vision side, target
-assembly, vLLM answers, teacher-forced data, stage 1, stage 2, blind EAGLE, manifest) at toy sizes."""
+assembly, vLLM answers, teacher-forced data, stage 1, stage 2, blind EAGLE, manifest) at toy sizes, for both LM
+layouts the presets use: SmolLM2-like (llama, tied embeddings; `small`) and Qwen2.5-like (qwen2, untied head,
+vocabulary padded past the tokenizer, q/k/v biases; `full`)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from vispec_vllm.world.presets import PRESETS  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_world(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("worlds")
-    lm = write_tiny_gguf(root / "tiny-lm.gguf", "llama", context_length=2048)
+    lm = write_tiny_gguf(root / "tiny-lm.gguf", request.param, context_length=2048)
     log: list[str] = []
     world = build_world(PRESETS["tiny"], root, lm_path=lm.gguf_path, progress=False, log=log.append)
     return world, lm, log
