@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vispec_vllm.world.engines import MAX_MODEL_LEN
 from vispec_vllm.world.presets import WorldPreset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,6 @@ PREBUILT_ROOT = ROOT / "configs" / "worlds"  # committed trained parts (see worl
 LM_CACHE = ROOT / "artifacts" / "lm"
 SYSTEM_PROMPT = ""
 EXTRA_INSTRUCTION = ""
-MAX_MODEL_LEN = 1024
 
 
 @dataclass
@@ -204,7 +204,7 @@ def engine_options(max_num_seqs: int = 64) -> dict:
     return {"enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": max_num_seqs}
 
 
-def grounding_answers(llm, target: Path, records: list[dict], image_folder: Path, max_new_tokens: int) -> list[str]:
+def grounding_answers(llm, records: list[dict], image_folder: Path, max_new_tokens: int) -> list[str]:
     """The target's greedy answers to `records` (same prompt format as the data pipeline)."""
     from PIL import Image
     from vllm import SamplingParams
@@ -233,7 +233,7 @@ def _generate_data(paths: WorldPaths, preset: WorldPreset, progress: bool) -> No
         for split in ("heldout_images", "heldout_questions"):
             records_path = write_split_records(split, preset.eval_samples, paths.sources, preset.seed)
             records = json.loads(records_path.read_text())
-            answers = grounding_answers(llm, paths.target, records, paths.sources / "images", preset.max_new_tokens)
+            answers = grounding_answers(llm, records, paths.sources / "images", preset.max_new_tokens)
             scenes = [make_scene(r["scene_seed"]) for r in records]
             correct, stated, per_kind = grade_many(list(zip(answers, scenes, strict=True)))
             report[split] = {"samples": len(records), "facts_correct": correct, "facts_stated": stated,
