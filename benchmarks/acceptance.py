@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
     settings = sorted({(r["split"], r["temperature"]) for r in rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.38
-    for a, arm in enumerate(ARMS):
+    for a, arm in enumerate(a for a in ARMS if any(r["arm"] == a for r in rows)):
         arm_rows = [next(r for r in rows if (r["split"], r["temperature"], r["arm"]) == (*s, arm)) for s in settings]
         xs = [i + (a - 0.5) * width for i in range(len(settings))]
         medians = [r["al_median"] for r in arm_rows]
@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the world's")
+    parser.add_argument("--vispec", type=Path, help="with --target: the ViSpec draft")
+    parser.add_argument("--eagle", type=Path, help="with --target: the vision-blind (stage-1) EAGLE draft")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     from vispec_vllm.console import quiet_vllm
@@ -122,14 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     from vispec_vllm.world.build import DEFAULT_ROOT, build_world
     from vispec_vllm.world.presets import PRESETS
 
-    world = build_world(PRESETS[args.preset], args.root or DEFAULT_ROOT, progress=True)
+    if args.target is not None:
+        models = Models(args.target, args.eagle, args.vispec, f"target {args.target}")
+    else:
+        world = build_world(PRESETS[args.preset], args.root or DEFAULT_ROOT, progress=True)
+        models = Models(world.target, world.eagle_draft, world.vispec_draft, f"{world.preset.name} world")
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = None if args.verbose else args.out / "acceptance.log"
     with engine_output_to(log_path) as out:
-        return _benchmark(args, world, out)
+        return _benchmark(args, models, out)
 
 
-def _benchmark(args: argparse.Namespace, world, out) -> int:
+@dataclass(frozen=True)
+class Models:
+    target: Path
+    eagle: Path | None
+    vispec: Path | None
+    label: str
+
+
+def _benchmark(args: argparse.Namespace, models: Models, out) -> int:
     from vispec_vllm.world.engines import shutdown, start_engine
     from vispec_vllm.world.prompts import chat_messages
     from vispec_vllm.world.scenes import make_scene, render
@@ -137,14 +153,14 @@ def _benchmark(args: argparse.Namespace, world, out) -> int:
 
     requests = {split: [chat_messages(render(make_scene(s.scene_seed)), s.question)
                         for s in split_samples(split, args.samples)] for split in SPLITS}
-    drafts = {"blind EAGLE": world.eagle_draft, "ViSpec": world.vispec_draft}
+    drafts = {arm: draft for arm, draft in (("blind EAGLE", models.eagle), ("ViSpec", models.vispec)) if draft}
     points: list[Point] = []
     # One engine at a time: vLLM keeps its metrics in one process-wide registry, so a second engine in the same
     # process takes the counters over and the first one's acceptance would read as zero. Acceptance does not
     # depend on timing, so the arms need not alternate here.
-    for arm in ARMS:
-        llm = start_engine(world.target, drafts[arm], num_speculative_tokens=args.num_speculative_tokens,
-                           max_num_seqs=args.samples)
+    for arm in drafts:
+        llm = start_engine(models.target, drafts[arm], num_speculative_tokens=args.num_speculative_tokens,
+                           max_num_seqs=args.samples, dtype=args.dtype)
         try:
             for repeat in range(args.repeats):
                 for temperature in args.temperatures:
@@ -162,22 +178,22 @@ def _benchmark(args: argparse.Namespace, world, out) -> int:
             shutdown(llm)
 
     rows = summarise(points)
-    print(f"\n{world.preset.name} world, {args.samples} requests per split x <= {args.max_tokens} tokens, "
-          f"K={args.num_speculative_tokens}, float32, {args.repeats} repeats (median [min-max])", file=out)
+    print(f"\n{models.label}, {args.samples} requests per split x <= {args.max_tokens} tokens, "
+          f"K={args.num_speculative_tokens}, {args.dtype}, {args.repeats} repeats (median [min-max])", file=out)
     print(f"{'split':<18}{'T':>4}  {'arm':<12}{'AL':>18}{'tau':>7}  per-position acceptance   ViSpec/EAGLE AL",
           file=out)
     for row in rows:
         ratio = ""
         if row["arm"] == "ViSpec":
-            blind = next(r for r in rows if (r["split"], r["temperature"], r["arm"]) ==
-                         (row["split"], row["temperature"], "blind EAGLE"))
-            ratio = f"{row['al_median'] / blind['al_median']:.2f}x"
+            blind = next((r for r in rows if (r["split"], r["temperature"], r["arm"]) ==
+                          (row["split"], row["temperature"], "blind EAGLE")), None)
+            ratio = "" if blind is None else f"{row['al_median'] / blind['al_median']:.2f}x"
         al = f"{row['al_median']:.2f} [{row['al_min']:.2f}-{row['al_max']:.2f}]"
         print(f"{row['split']:<18}{row['temperature']:>4g}  {row['arm']:<12}{al:>18}{row['tau_median']:>7.2f}  "
               f"{str([round(p, 2) for p in row['per_position']]):<26}{ratio}", file=out)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance.json").write_text(json.dumps({"rows": rows, "points": [asdict(p) for p in points],
-                                                          "world": str(world.paths.root)}, indent=1))
+                                                          "models": models.label}, indent=1))
     plot(rows, args.out / "acceptance.png")
     print(f"wrote {args.out / 'acceptance.json'} and {args.out / 'acceptance.png'}", file=out)
     return 0
