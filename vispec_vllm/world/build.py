@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vispec_vllm.world.engines import MAX_MODEL_LEN
 from vispec_vllm.world.presets import WorldPreset
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = ROOT / "artifacts" / "worlds"
+T = TypeVar("T")
 PREBUILT_ROOT = ROOT / "configs" / "worlds"  # committed trained parts (see world/prebuilt.py)
 LM_CACHE = ROOT / "artifacts" / "lm"
 SYSTEM_PROMPT = ""
@@ -96,15 +98,17 @@ class StepTimer:
         self.seconds: dict[str, float] = {}
         self.log = log
 
-    def run(self, name: str, done: Callable[[], bool], action: Callable[[], object]) -> None:
+    def run(self, name: str, done: Callable[[], bool], action: Callable[[], T]) -> T | None:
+        """`action()`'s result, or None when `done()` says the step's outputs are already there."""
         if done():
             self.log(f"[world] {name}: cached")
-            return
+            return None
         self.log(f"[world] {name} ...")
         started = time.perf_counter()
-        action()
+        result = action()
         self.seconds[name] = round(time.perf_counter() - started, 1)
         self.log(f"[world] {name}: {self.seconds[name]:.0f} s")
+        return result
 
 
 def _sha256(path: Path) -> str:
@@ -280,15 +284,11 @@ def build_world(preset: WorldPreset, root: Path = DEFAULT_ROOT, *, lm_path: Path
     prebuilt = None if from_scratch or lm_path is not None else Prebuilt.find(PREBUILT_ROOT / preset.name, preset)
     steps = StepTimer(log)
     started = time.perf_counter()
-    lm: dict[str, object] = {}
-
-    def prepare() -> None:
-        lm["dir"], lm["provenance"] = _prepare_lm(preset, lm_path, progress)
-
-    steps.run("language model", lambda: False, prepare)
-    lm_dir = Path(lm["dir"])  # type: ignore[arg-type]
+    lm = steps.run("language model", lambda: False, lambda: _prepare_lm(preset, lm_path, progress))
+    assert lm is not None  # never cached: a fetched LM is only verified
+    lm_dir, provenance = lm
     if prebuilt is not None:
-        prebuilt.check_lm(lm["provenance"])  # type: ignore[arg-type]
+        prebuilt.check_lm(provenance)
         steps.run("vision side (committed)", paths.vision_weights.exists,
                   lambda: prebuilt.restore_vision(paths, caption_codebook(_caption_targets(lm_dir, preset))))
     steps.run("vision side", paths.vision_weights.exists, lambda: _train_vision(preset, lm_dir, paths, progress))
@@ -311,9 +311,10 @@ def build_world(preset: WorldPreset, root: Path = DEFAULT_ROOT, *, lm_path: Path
     steps.run("stage 1 continued (blind EAGLE)", lambda: (paths.draft("eagle") / "model.safetensors").exists(),
               lambda: _train_draft(paths, "eagle", _train_config(
                   preset, paths, 1, paths.run("eagle"), stage1, preset.draft_stage2_steps, progress)))
-    world = World(preset, paths, dict(lm["provenance"]))  # type: ignore[arg-type]
-    write_manifest(world, steps.seconds, time.perf_counter() - started,
-                   prebuilt=None if prebuilt is None else prebuilt.manifest)
+    world = World(preset, paths, dict(provenance))
+    if set(steps.seconds) != {"language model"} or not paths.manifest.exists():  # else nothing changed
+        write_manifest(world, steps.seconds, time.perf_counter() - started,
+                       prebuilt=None if prebuilt is None else prebuilt.manifest)
     return world
 
 
