@@ -9,7 +9,6 @@ sha256 of every artifact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vispec_vllm.world.engines import MAX_MODEL_LEN
+from vispec_vllm.world.lm import sha256_file
 from vispec_vllm.world.presets import WorldPreset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,17 +111,9 @@ class StepTimer:
         return result
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` (relative paths), manifest excluded."""
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*"))
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "manifest.json" and ".tmp" not in p.name}
 
 
@@ -138,7 +130,7 @@ def _prepare_lm(preset: WorldPreset, lm_path: Path | None, progress: bool) -> tu
     out = lm_path.with_name(lm_path.stem + "-hf")
     if not (out / "config.json").exists():
         convert_to_hf(lm_path, out, progress=progress)
-    return out, {"source": str(lm_path), "gguf_sha256": _sha256(lm_path)}
+    return out, {"source": str(lm_path), "gguf_sha256": sha256_file(lm_path)}
 
 
 def _caption_targets(lm_dir: Path, preset: WorldPreset):

@@ -9,7 +9,6 @@ draft gets its `embed_tokens.weight` back from the target, so it is an official-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vispec_vllm.world.lm import sha256_file
 from vispec_vllm.world.presets import WorldPreset
 from vispec_vllm.world.vision import CODEBOOK_KEY
 
@@ -25,10 +25,6 @@ DRAFTS = ("vispec", "eagle")
 REPORTS = ("vision_report.json", "grounding.json")
 REBUILD = ("python -m vispec_vllm.world build --preset {preset} --from-scratch && "
            "python -m vispec_vllm.world export-prebuilt --preset {preset}")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class Prebuilt:
         if manifest.get("preset") != preset.to_json():
             return None
         for name, digest in manifest["sha256"].items():
-            if _sha256(root / name) != digest:
+            if sha256_file(root / name) != digest:
                 raise ValueError(f"{root / name}: sha256 differs from {path}; rebuild with: {manifest['rebuild']}")
         return cls(root, manifest)
 
@@ -114,7 +110,7 @@ def export_prebuilt(world, out_root: Path) -> Path:
         "preset": world.preset.to_json(),
         "lm_gguf_sha256": world.lm_provenance.get("gguf_sha256"),
         "rebuild": REBUILD.format(preset=world.preset.name),
-        "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        "sha256": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
         "bytes": sum(p.stat().st_size for p in files),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
