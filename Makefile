@@ -7,6 +7,6 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q tests
 lint:
-	.venv/bin/ruff check vispec_vllm kernels tests benchmarks
+	.venv/bin/ruff check vispec_vllm kernels tests benchmarks scripts
 dup:
 	duplicates --change

@@ -61,8 +61,21 @@ def test_widening_zero_pads_each_head_and_flags_the_query_bias():
     o_weight = torch.randn(7, 2 * 32)
     assert torch.equal(flags.widen(o_weight, 2, dim=1).view(7, 2, 64)[..., :32].reshape(7, 64), o_weight)
     bias = flags.query_bias(torch.zeros(2 * 32), 2).view(2, 64)
-    assert bias[:, 32].eq(flags.flag).all() and not bias[:, :32].any() and not bias[:, 33:].any()
-    assert flags.flag**2 * 32**-0.5 == pytest.approx(3.0e4)
+    assert bias[:, 32].eq(128.0).all() and not bias[:, :32].any() and not bias[:, 33:].any()
+    key = flags.hide(torch.randn(3, 2, 64), torch.tensor([True, False, True]))
+    assert key[[0, 2], :, 32].eq(-128.0).all() and key[[0, 2]].count_nonzero() == 2 * 2
+    assert flags.dropped_logit == -128.0 * 128.0 * 32**-0.5
+
+
+@pytest.mark.parametrize("head_dim,gap", [(64, 2048.0), (128, 1448.15), (256, 1024.0), (1024, 512.0)])
+def test_dropped_logit_sits_far_below_zero_for_every_usual_head_size(head_dim, gap):
+    flags = FlaggedHeads.for_backend(head_dim, head_dim**-0.5, lambda size: True)
+    assert -flags.dropped_logit == pytest.approx(gap, abs=0.01)
+
+
+def test_a_softmax_scale_that_leaves_dropped_keys_too_close_is_refused():
+    with pytest.raises(ValueError, match="only 256 below zero"):
+        FlaggedHeads.for_backend(4096, 4096**-0.5, lambda size: True)
 
 
 @pytest.mark.parametrize("head_dim,padded", [(32, 64), (64, 80), (128, 160), (256, 512)])
@@ -117,7 +130,7 @@ def test_skipping_whole_dropped_blocks_changes_no_output():
     assert table[0].tolist() == [7, 0, 5, 2, 9, 4] and table[1].tolist() == block_table[1].tolist()
     for row in range(2):
         q = torch.randn(query_lens[row], heads, flags.padded_dim)
-        q[..., head_dim] = flags.flag
+        q[..., head_dim] = flags.query_flag
         full = paged_attention(q, cache, block_table[row], seq_lens[row], block_size, scale)
         short = paged_attention(q, cache, table[row], seq_lens[row] - int(skipped[row]), block_size, scale)
         torch.testing.assert_close(short, full)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vispec_vllm.engine.image_state import ImageStateStore, spans_from_mm_features
-from vispec_vllm.engine.step_inputs import chain_image_inputs, token_image_inputs
+from vispec_vllm.engine.step_inputs import chain_global_term, token_image_inputs
 
 H, NUM_Q = 4, 3
 
@@ -83,9 +83,7 @@ def test_chain_inputs_carry_the_latest_global_feature():
     store.update(["a", "b"], live, {"i1": torch.full((5, H), 10.0), "i2": torch.full((4, H), 20.0)})
     tables = store.tables(["a", "b"])
     for positions, expected in (([7, 3], [12.0, 0.0]), ([15, 40], [22.0, 0.0]), ([6, 0], [0.0, 0.0])):
-        inputs = chain_image_inputs(tables, torch.tensor(positions))
-        assert inputs.global_term[:, 0].tolist() == expected
-        assert inputs.is_compressed is None and inputs.is_dropped is None
+        assert chain_global_term(tables, torch.tensor(positions))[:, 0].tolist() == expected
     after = tables.after_images(num_blocks=8, block_size=2)  # decode: every query after every image
     assert after.global_term[:, 0].tolist() == [22.0, 0.0]
     assert after.skipped_keys.tolist() == [2, 0]  # of dropped [2, 5) and [11, 13) only block [2, 4) is whole

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -40,13 +40,12 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
-from vllm.v1.attention.selector import get_attn_backend
 
 from vispec_vllm.draft.adaptor import ImgAdaptor
 from vispec_vllm.draft.checkpoint import DRAFT_VOCAB_KEY, validate_state_dict
 from vispec_vllm.draft.config import DraftCheckpointError, ViSpecConfig
-from vispec_vllm.engine.step_inputs import ViSpecStepInputs
-from vispec_vllm.kernels.dropped_keys import FlaggedHeads
+from vispec_vllm.engine.attention_backend import choose_draft_backend, log_draft_backend
+from vispec_vllm.engine.step_inputs import StepInputBuffers
 
 # checkpoint sub-name -> (stacked parameter, shard id)
 STACKED_PARAMS = {
@@ -56,6 +55,10 @@ STACKED_PARAMS = {
     ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
     ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
 }
+# the compiled core's arguments, all [T, ...] (T dynamic)
+STEP_TENSORS = (
+    "embeds", "positions", "hidden_states", "global_term", "compressed_token", "is_compressed", "is_dropped"
+)
 
 
 class ViSpecAttention(nn.Module):
@@ -68,11 +71,19 @@ class ViSpecAttention(nn.Module):
         head_dim = config.head_dim
         scale = head_dim**-0.5
         cache_config = vllm_config.cache_config
-        backend = get_attn_backend(head_dim, vllm_config.model_config.dtype, cache_config.cache_dtype)
-        self.flags = FlaggedHeads.for_backend(head_dim, scale, backend.supports_head_size)
+        choice = choose_draft_backend(
+            head_dim,
+            scale,
+            torch.get_default_dtype(),  # the layer's dtype: vLLM builds the model under it, as Attention reads it
+            cache_config.cache_dtype,
+            use_mm_prefix=vllm_config.model_config.is_mm_prefix_lm,
+            has_sliding_window=cache_config.sliding_window is not None,
+        )
+        self.flags = choice.flags
         padded = self.flags.padded_dim
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
+        log_draft_backend(choice, self.num_kv_heads, vllm_config)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             padded,
@@ -98,16 +109,16 @@ class ViSpecAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             prefix=layer_name,
+            attn_backend=choice.backend,  # the backend padded_dim was chosen for: no second pick
         )
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-        """x [T, H], positions [T], dropped [T] bool (slots no query may see) or None -> [T, H]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """x [T, H], positions [T], dropped [T] bool (slots no query may see) -> [T, H]."""
         padded = self.flags.padded_dim
         qkv, _ = self.qkv_proj(x)
         q, k, v = qkv.split([self.num_heads * padded, self.num_kv_heads * padded, self.num_kv_heads * padded], -1)
         q, k = self.rotary_emb(positions, q, k)
-        if dropped is not None:
-            k = self.flags.hide(k.view(-1, self.num_kv_heads, padded), dropped)
+        k = self.flags.hide(k.view(-1, self.num_kv_heads, padded), dropped)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
@@ -149,22 +160,27 @@ class ViSpecDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = ViSpecMLP(config, prefix=f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         y = x + self.self_attn(x, positions, dropped)
         return y + self.mlp(self.post_attention_layernorm(y))
 
 
+@support_torch_compile(dynamic_arg_dims={name: 0 for name in STEP_TENSORS})
 class ViSpecModel(nn.Module):
-    """The official draft with its input fusion folded (exact algebra, done once in `fold_input_fusion`):
+    """The draft's compiled core: one call per draft forward, always the same seven [T, ...] tensors.
+
+    The official input fusion is folded (exact algebra, done once in `fold_input_fusion`):
 
         fc([e ; img_fc([h ; g])]) = W_e e + W_i (W_h h + W_g g + b_img) + b_fc
                                   = fused_fc([e ; h]) + global_proj(g)
 
     with fused_fc = [W_e | W_i W_h], bias b_fc + W_i b_img, and global_proj = W_i W_g. So a token costs what an
     EAGLE draft's fc costs, plus one add; global_proj runs once per image (`adapt_image`).
+    Compiled like vLLM's EAGLE drafts (`support_torch_compile`, traced once with T dynamic; the attention op
+    splits it into pieces for CUDA graphs); eager under `enforce_eager`.
     """
 
-    def __init__(self, config: ViSpecConfig, vllm_config, layer_name: str, prefix: str) -> None:
+    def __init__(self, *, vllm_config, prefix: str = "", config: ViSpecConfig, layer_name: str) -> None:
         super().__init__()
         hidden = config.hidden_size
         # A width-only placeholder: vLLM swaps in the target's embedding (checking only the width), so the
@@ -175,12 +191,19 @@ class ViSpecModel(nn.Module):
         self.imadpt: ImgAdaptor | None = None  # created by load_weights when the checkpoint has `imadpt.q`
         self.layers = nn.ModuleList([ViSpecDecoderLayer(config, vllm_config, layer_name, prefix=f"{prefix}.layers.0")])
 
-    def fuse_inputs(
-        self, hidden_states: torch.Tensor, embeds: torch.Tensor, global_term: torch.Tensor | None
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [T, H] embeddings of the next tokens x_{p+1}
+        positions: torch.Tensor,  # [T] raw token index p
+        hidden_states: torch.Tensor,  # [T, H] target (or draft) hidden state h_p
+        global_term: torch.Tensor,  # [T, H] global_proj(g) of the latest image before the slot (zeros: none)
+        compressed_token: torch.Tensor,  # [T, H] the adaptor's token for a compressed slot
+        is_compressed: torch.Tensor,  # [T] bool
+        is_dropped: torch.Tensor,  # [T] bool: an image slot no query may see
     ) -> torch.Tensor:
-        """[T, H] each -> [T, H]: a text slot's layer input; global_term = global_proj(g) (None: g = 0)."""
         fused, _ = self.fused_fc(torch.cat([embeds, hidden_states], dim=-1))
-        return fused if global_term is None else fused + global_term
+        x = torch.where(is_compressed[:, None], compressed_token.to(fused.dtype), fused + global_term)
+        return self.layers[0](x, positions, is_dropped)
 
     @staticmethod
     def fold_input_fusion(state: dict[str, torch.Tensor], hidden: int) -> None:
@@ -237,8 +260,17 @@ class ViSpecDraftForVLLM(nn.Module):
         )
         target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         layer_name = f"model.layers.{target_layers}.self_attn.attn"  # after the target's layers
-        self.model = ViSpecModel(self.vispec_config, vllm_config, layer_name, prefix="model")
+        self.model = ViSpecModel(
+            vllm_config=vllm_config, prefix="model", config=self.vispec_config, layer_name=layer_name
+        )
         self.lm_head = nn.Identity()  # replaced by the target's lm_head
+        # per-token image inputs of each forward, at fixed addresses (CUDA graphs); created on the load device
+        self.step_inputs = StepInputBuffers(
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            self.vispec_config.hidden_size,
+            vllm_config.model_config.dtype,
+            device=None,
+        )
         self.logits_processor = LogitsProcessor(self.vispec_config.vocab_size)
         draft_vocab_size = self.vispec_config.draft_vocab_size
         if draft_vocab_size is not None and get_tensor_model_parallel_world_size() > 1:
@@ -288,23 +320,20 @@ class ViSpecDraftForVLLM(nn.Module):
         positions: torch.Tensor,  # [T] raw token index p
         hidden_states: torch.Tensor,  # [T, H] target (or draft) hidden state h_p
         inputs_embeds: torch.Tensor | None = None,
-        vispec_step: ViSpecStepInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if vispec_step is None and is_forward_context_available() and get_forward_context().attn_metadata is not None:
-            raise RuntimeError(
-                "the ViSpec draft was called by a proposer other than ViSpecProposer (V1 runner): "
-                "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
-            )
-        model = self.model
-        embeds = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        images = None if vispec_step is None else vispec_step.images
-        global_term = None if images is None else images.global_term
-        x = model.fuse_inputs(hidden_states, embeds, global_term)  # [T, H]
-        dropped = None
-        if images is not None and images.is_compressed is not None:
-            x = torch.where(images.is_compressed[:, None], images.compressed_token.to(x.dtype), x)
-            dropped = images.is_dropped
-        z = model.layers[0](x, positions, dropped)
+        """The image inputs are read from `step_inputs` (written by `ViSpecProposer`; zeros for a text-only draft
+        and in vLLM's dummy runs), so vLLM's own callers need nothing ViSpec-specific."""
+        embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        step = self.step_inputs.view(embeds.shape[0])
+        z = self.model(
+            embeds=embeds,
+            positions=positions,
+            hidden_states=hidden_states,
+            global_term=step.global_term,
+            compressed_token=step.compressed_token,
+            is_compressed=step.is_compressed,
+            is_dropped=step.is_dropped,
+        )
         return z, z
 
     # ------------------------------------------------------------------ weights

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vispec_vllm.engine.host_copies import host_to_device
 from vispec_vllm.kernels.dropped_keys import dropped_block_order
 
 IMAGE_MODALITIES = ("image", "video")
@@ -190,7 +191,7 @@ class ImageStateStore:
             embedding = encoder_outputs.get(span.identifier)
             if embedding is None:
                 return
-            cached = self.adapt(embedding.to(self.device, self.dtype))
+            cached = self.adapt(embedding.to(self.dtype))  # encoder outputs are on the device already
             self.adaptor_cache.put(span.identifier, cached)
         span.adaptor_output = cached
         self._version += 1
@@ -204,16 +205,24 @@ class ImageStateStore:
         return self._tables
 
     def _build_tables(self, req_ids: Sequence[str]) -> BatchImageTables:
+        """Slot tables built on the host and sent in one non-blocking copy; the adaptor outputs (already on the
+        device) placed with one `index_copy_`."""
         rows = [self.requests[r].spans for r in req_ids]
         width = max([len(spans) for spans in rows] + [1])
-        first = torch.full((len(rows), width), _PAD_SLOT, dtype=torch.int64)
-        last = torch.full((len(rows), width), _PAD_SLOT, dtype=torch.int64)
-        adaptor = torch.zeros(len(rows), width, self.num_q, self.hidden_size, dtype=self.dtype, device=self.device)
+        slots = np.full((2, len(rows), width), _PAD_SLOT, dtype=np.int64)  # first and last slots
+        known_cells: list[int] = []  # b * width + m of each image whose adaptor output is known
+        known_outputs: list[torch.Tensor] = []
         for b, spans in enumerate(rows):
             for m, span in enumerate(spans):
-                first[b, m] = span.first_slot
-                last[b, m] = span.last_slot
+                slots[:, b, m] = span.first_slot, span.last_slot
                 if span.adaptor_output is not None:
-                    adaptor[b, m] = span.adaptor_output
+                    known_cells.append(b * width + m)
+                    known_outputs.append(span.adaptor_output)
+        first, last = host_to_device(torch.from_numpy(slots), self.device)
+        adaptor = torch.zeros(len(rows) * width, self.num_q, self.hidden_size, dtype=self.dtype, device=self.device)
+        if known_outputs:
+            cells = host_to_device(torch.tensor(known_cells, dtype=torch.int64), self.device)
+            adaptor.index_copy_(0, cells, torch.stack(known_outputs))
         last_image_slot = np.array([max((s.last_slot for s in spans), default=-1) for spans in rows], dtype=np.int64)
-        return BatchImageTables(first.to(self.device), last.to(self.device), adaptor, self.num_q, last_image_slot)
+        adaptor = adaptor.view(len(rows), width, self.num_q, self.hidden_size)
+        return BatchImageTables(first, last, adaptor, self.num_q, last_image_slot)
