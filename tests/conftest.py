@@ -120,6 +120,32 @@ def trained_draft(model_root, tiny_target) -> Path:
     return train_tiny_draft(tiny_target("qwen2_5_vl"), work, seed=0, steps=TINY_RUN_STEPS, max_new_tokens=48)
 
 
+@pytest.fixture(scope="session")
+def trained_family_draft(model_root, tiny_target, trained_draft):
+    """trained_family_draft(family, num_q=2): a trained ViSpec draft of the factory target of `family`, built once
+    per (family, num_q) (~1-2 min each on 2 cores), then cached with the factory models. The num_q variants of a
+    family share one data set (the target's own answers). Qwen2.5-VL at num_q 2 is `trained_draft`."""
+    from vispec_vllm.factory import FACTORY_VERSION
+    from vispec_vllm.train import train_tiny_draft
+
+    def build(family: str, num_q: int = 2) -> Path:
+        if (family, num_q) == ("qwen2_5_vl", 2):
+            return trained_draft
+        target = tiny_target(family)
+        first = model_root / f"{family}-s0-trained-draft-q2-v{FACTORY_VERSION}"
+        if family == "qwen2_5_vl":
+            first = trained_draft.parents[1]
+        else:
+            train_tiny_draft(target, first, seed=0, steps=TINY_RUN_STEPS, max_new_tokens=48)
+        if num_q == 2:
+            return first / "stage2" / "draft"
+        work = model_root / f"{family}-s0-trained-draft-q{num_q}-v{FACTORY_VERSION}"
+        return train_tiny_draft(target, work, seed=0, steps=TINY_RUN_STEPS, num_q=num_q,
+                                data=(first / "data_image", first / "data_text"))
+
+    return build
+
+
 REDUCED_VOCAB = 256  # of the factory target's 1024
 
 

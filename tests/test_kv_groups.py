@@ -103,3 +103,20 @@ def test_draft_layers_spread_over_groups_or_missing_are_refused():
     missing = config_of((TARGET, full()))
     with pytest.raises(ValueError, match=r"draft layers \['model.layers.4.self_attn.attn'\] are in no KV-cache group"):
         check_draft_shares_target_kv_group(missing, {DRAFT})
+
+
+def test_the_proposer_refuses_a_hybrid_target_at_start_up():
+    """`ViSpecProposer.validate_same_kv_cache_group` (which vLLM calls when it sets up the draft's attention)
+    runs the check for a ViSpec draft, and keeps vLLM's own check for any other draft."""
+    from vispec_vllm.engine.proposer import ViSpecProposer
+
+    hybrid = grouped_by_vllm({name: sliding() if index % 2 else full() for index, name in enumerate(TARGET)}
+                             | {DRAFT: widened_draft()})
+    def proposer(is_vispec: bool) -> ViSpecProposer:
+        bare = object.__new__(ViSpecProposer)  # only what the check reads
+        bare.is_vispec, bare._draft_attn_layer_names = is_vispec, {DRAFT}
+        return bare
+
+    with pytest.raises(ValueError, match="one KV-cache group"):
+        proposer(is_vispec=True).validate_same_kv_cache_group(hybrid)
+    proposer(is_vispec=False).validate_same_kv_cache_group(hybrid)  # vLLM's check: the draft layers share a group

@@ -20,6 +20,8 @@ def test_register_is_idempotent_and_swaps_the_proposer():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.multimodal.media.image import ImageMediaIO
     from vllm.transformers_utils.configs.eagle import EAGLEConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     import vispec_vllm
     from vispec_vllm.engine.patches import PATCH_MARK
@@ -30,6 +32,8 @@ def test_register_is_idempotent_and_swaps_the_proposer():
         (EAGLEConfig, "__init__"),
         (EngineArgs, "create_engine_config"),
         (ImageMediaIO, "load_bytes"),
+        (Scheduler, "schedule"),
+        (GPUModelRunner, "_on_request_state_removed"),
     ]
     vispec_vllm.register()
     first = [getattr(owner, name) for owner, name in wrapped]

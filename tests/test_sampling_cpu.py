@@ -2,9 +2,11 @@
 
 Unit tests of the dtype-preserving expand and the probes; then speculating engines (tiny Qwen2.5-VL target and
 trained ViSpec drafts, cached next to the factory models): at T=1 their tokens follow the target's own
-distribution (chi-square against the target alone) and drafts are accepted, with a full-vocabulary draft and
-with a reduced-vocabulary one (greedy and sampled proposals); requests with `top_k` or a `seed` (with a chunked
-prompt) are served without stopping the engine.
+distribution (chi-square against the target alone, every request seeded) and drafts are accepted, with a
+full-vocabulary draft and with a reduced-vocabulary one (greedy and sampled proposals); with top-p (T=0.8,
+top_p=0.8: a few tokens per step) over 3,000 samples per arm, a sample size shown by simulation to detect a 5%
+shift of probability mass; requests with `top_k` or a `seed` (with a chunked prompt) are served without
+stopping the engine.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ MIN_ACCEPTANCE_RATE = 0.05  # of draft tokens
 MIN_OUTSIDE_SHARE = 0.05  # of the target's tokens outside a reduced draft vocabulary, at one checked position at least
 CHUNK_BUDGET = 256  # tokens a step: the long prompt below is prefilled in chunks
 LONG_PROMPT_TOKENS = 600
+# top-p: T=0.8, top_p=0.8 keeps a handful of tokens per step (a tiny effective vocabulary), so a two-sample
+# chi-square over TOP_P_SAMPLES per arm detects a 5% shift of probability mass (checked by simulation below)
+TOP_P = dict(temperature=0.8, top_p=0.8)
+TOP_P_SAMPLES = 3000
+TOP_P_TOKENS = 3
+SHIFT = 0.05  # total variation distance the test must detect
+MIN_POWER = 0.8
 
 
 def reference_expand(output, values, cu_num_tokens, replace_from, replace_to, max_num_tokens=None):
@@ -179,11 +188,14 @@ def trained_question(trained_draft) -> str:
     return records[0]["conversations"][0]["value"]
 
 
-def sample_tokens(llm, question: str) -> list[list[int]]:
+def sample_tokens(llm, question: str, count: int = NUM_SAMPLES, max_tokens: int = SAMPLED_TOKENS,
+                  **sampling) -> list[list[int]]:
+    """`count` samples (T=1 unless `sampling` says otherwise), each request with its own seed."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=1.0, max_tokens=SAMPLED_TOKENS, ignore_eos=True)
-    conversations = [[{"role": "user", "content": question}]] * NUM_SAMPLES
+    params = [SamplingParams(**({"temperature": 1.0} | sampling), max_tokens=max_tokens, ignore_eos=True, seed=i)
+              for i in range(count)]
+    conversations = [[{"role": "user", "content": question}]] * count
     return [list(o.outputs[0].token_ids) for o in llm.chat(conversations, params, use_tqdm=False)]
 
 
@@ -191,11 +203,18 @@ ENGINE = dict(max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=CHUNK_
 
 
 @pytest.fixture(scope="module")
-def target_samples(tiny_target, trained_question):
+def target_alone_samples(tiny_target, trained_question) -> tuple[list[list[int]], list[list[int]]]:
+    """The target alone's samples: at T=1, and with top-p (TOP_P)."""
     from conftest import vllm_engine
 
     with vllm_engine(model=str(tiny_target("qwen2_5_vl")), **ENGINE) as llm:
-        return sample_tokens(llm, trained_question)
+        return (sample_tokens(llm, trained_question),
+                sample_tokens(llm, trained_question, TOP_P_SAMPLES, TOP_P_TOKENS, **TOP_P))
+
+
+@pytest.fixture(scope="module")
+def target_samples(target_alone_samples) -> list[list[int]]:
+    return target_alone_samples[0]
 
 
 def speculating_engine(target: Path, draft: Path, **speculation):
@@ -206,17 +225,19 @@ def speculating_engine(target: Path, draft: Path, **speculation):
     return vllm_engine(model=str(target), speculative_config=spec, disable_log_stats=False, **ENGINE)
 
 
-def assert_speculation_keeps_the_distribution(llm, question: str, target_samples: list[list[int]]) -> list[list[int]]:
-    """Samples `question` at T=1 with the speculating `llm` and asserts drafts were accepted and the tokens at
-    CHECKED_POSITIONS follow the target's own samples (chi-square); returns the samples."""
+def assert_speculation_keeps_the_distribution(llm, question: str, target_samples: list[list[int]],
+                                               **sampling) -> list[list[int]]:
+    """Samples `question` (as many, as long and with the same `sampling` as `target_samples`) with the speculating
+    `llm` and asserts drafts were accepted and the tokens after the first follow the target's own samples
+    (chi-square); returns the samples."""
     from vispec_vllm.engine.metrics import SpecDecodeCounters
 
     before = SpecDecodeCounters.from_metrics(llm.get_metrics())
-    speculated = sample_tokens(llm, question)
+    speculated = sample_tokens(llm, question, len(target_samples), len(target_samples[0]), **sampling)
     counters = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
     results = {position: chi_square_same_distribution([s[position] for s in target_samples],
                                                       [s[position] for s in speculated])
-               for position in CHECKED_POSITIONS}
+               for position in range(1, len(target_samples[0]))}
     print(f"accepted {counters.accepted_tokens}/{counters.draft_tokens} draft tokens; per position "
           f"{counters.accepted_per_position}; chi-square (statistic, df, p) by position: {results}")
     # Trained drafts are accepted 17-31% of the time here; a wrong id mapping or an unmapped reduced head
@@ -265,6 +286,42 @@ def test_speculation_keeps_the_targets_distribution_at_temperature_one(
     target_samples, speculating_llm, trained_question
 ):
     assert_speculation_keeps_the_distribution(speculating_llm, trained_question, target_samples)
+
+
+@pytest.mark.vllm
+def test_speculation_keeps_the_targets_top_p_distribution(target_alone_samples, speculating_llm, trained_question):
+    assert_speculation_keeps_the_distribution(speculating_llm, trained_question, target_alone_samples[1], **TOP_P)
+
+
+def shifted(counts: Counter, shift: float) -> dict[int, float]:
+    """The distribution of `counts`, with `shift` of probability moved from its most likely token to the others
+    in proportion (total variation distance `shift`)."""
+    total = sum(counts.values())
+    probabilities = {token: n / total for token, n in counts.items()}
+    top = max(probabilities, key=probabilities.get)
+    rest = 1.0 - probabilities[top]
+    return {token: p - shift if token == top else p + shift * p / rest for token, p in probabilities.items()}
+
+
+@pytest.mark.vllm
+def test_the_top_p_sample_size_detects_a_five_percent_shift(target_alone_samples):
+    """Power of the test above: draws as many tokens from the target's own top-p distribution moved by SHIFT
+    (total variation) as the test compares, and counts how often the chi-square rejects at MIN_P_VALUE."""
+    samples = target_alone_samples[1]
+    generator = torch.Generator().manual_seed(0)
+    power = {}
+    for position in range(1, TOP_P_TOKENS):
+        tokens = [s[position] for s in samples]
+        moved = shifted(Counter(tokens), SHIFT)
+        ids, weights = list(moved), torch.tensor(list(moved.values()), dtype=torch.float64)
+        trials = 20
+        rejected = sum(
+            chi_square_same_distribution(tokens, [ids[i] for i in torch.multinomial(
+                weights, len(tokens), replacement=True, generator=generator).tolist()])[2] < MIN_P_VALUE
+            for _ in range(trials))
+        power[position] = (len(set(tokens)), rejected / trials)
+    print(f"top-p tokens per position and power against a {SHIFT:.0%} shift: {power}")
+    assert all(p >= MIN_POWER for _, p in power.values())
 
 
 def long_prompt(vocab_size: int):

@@ -142,7 +142,8 @@ def test_changing_the_adaptor_inside_vllm_changes_image_proposals_only(qwen):
         before = drafts_by_prompt()
         with torch.no_grad():
             drafter.model.model.imadpt.o_proj.weight.mul_(-3.0)
-        drafter.image_states.adaptor_cache = AdaptorOutputCache(16)  # forget adaptor outputs of the old weights
+        budget = drafter.image_states.adaptor_cache.max_bytes
+        drafter.image_states.adaptor_cache = AdaptorOutputCache(budget)  # forget adaptor outputs of the old weights
         llm.reset_prefix_cache()
         after = drafts_by_prompt()
     image_key, text_key = sorted(before)[0], sorted(before)[1]

@@ -1,8 +1,14 @@
-"""Lossless: with the ViSpec draft, vLLM's greedy output is token-identical to the target alone (float32).
+"""Lossless with accepted drafts: with a trained ViSpec draft, vLLM's greedy output is token-identical to the
+target alone (float32), and every scenario runs both paths of verification (drafts accepted and rejected).
 
-Per target family: text-only, one image, three images, a mixed batch of 16, the same image prompt twice
-(prefix-cache hit), a prompt near max_model_len, and chunked prefill with a small token budget.
+Per target family (Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT), with the project's own trained tiny drafts (built once,
+cached; `trained_family_draft`): text only, one image, three images, a mixed batch of 16, the same image prompt
+twice (a prefix-cache hit, seen in vLLM's counters), a prompt with an image near max_model_len, and chunked
+prefill with an image split across chunks, at K=3 and num_q 2; the mixed batch again at K = 1, 2, 5 and with a
+num_q 3 draft. A random draft's proposals are all rejected, which would prove nothing about the accept path.
 """
+
+from __future__ import annotations
 
 import pytest
 from conftest import vllm_engine
@@ -13,12 +19,15 @@ from vispec_vllm.media import image_part
 pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 2048
-MAX_TOKENS = 12
-# Chunked-prefill token budget per family: small enough to split the long prompts and the batch, but it must
-# hold every image of one request (three images here): with less, vLLM 0.32's scheduler was seen spinning
-# without scheduling anything (96 tokens for three 64-token LLaVA images).
+MAX_TOKENS = 24
+NEAR_MAX_ROOM = 8  # tokens left before max_model_len in the near-max prompt: generation stops there
+# Chunked-prefill token budget per family: small enough to split the images of a request across chunks, but it
+# must hold every image of one request (three here): with less, vLLM 0.32's scheduler was seen spinning without
+# scheduling anything (96 tokens for three 64-token LLaVA images).
 CHUNK_BUDGET = {"qwen2_5_vl": 224, "llava": 224, "llava_next": 1056}
-QUESTIONS = ("Describe the image.", "What is shown here?", "Tell a story about it.", "List the colours.")
+QUESTIONS = ("Describe the picture in detail.", "What is in this image?", "What is the scene?",
+             "How many objects are there?")
+FAMILIES = ["qwen2_5_vl", "llava", "llava_next"]
 
 
 def user(*parts) -> list[dict]:
@@ -30,69 +39,136 @@ def image(seed: int) -> dict:
     return image_part(make_test_image(seed))
 
 
-def conversations() -> dict[str, list]:
+def mixed_batch() -> list:
     mixed = []
     for i in range(16):
         kind = i % 4
         if kind == 0:
-            mixed.append(user(f"Write a poem number {i} about the sea."))
+            mixed.append(user(f"Tell me about the old house number {i}."))
         elif kind == 1:
             mixed.append(user(image(100 + i), QUESTIONS[i % 4]))
         elif kind == 2:
             mixed.append(user(image(200 + i), "and", image(300 + i), QUESTIONS[(i + 1) % 4]))
         else:
             mixed.append(user(QUESTIONS[i % 4], image(400 + i)))
+    return mixed
+
+
+def scenarios() -> dict[str, list]:
     return {
-        "text_only": [user("Tell me a story about a cat.")],
-        "one_image": [user(image(1), "Describe the image in detail.")],
-        "three_images": [user("First", image(2), "second", image(3), "third", image(4), "compare them.")],
-        "mixed_16": mixed,
-        "repeat": [user(image(5), "What is in this picture? " * 12)] * 2,
+        "text_only": [user("Tell me about the white cat."), user("Where is the blue boat?")],
+        "one_image": [user(image(1), "Describe the picture in detail.")],
+        "three_images": [user("First", image(2), "second", image(3), "third", image(4), "What is the scene?")],
+        "mixed_16": mixed_batch(),
+        "repeat": [user(image(5), "What is in this image? " * 12)] * 2,
     }
 
 
-def near_max_prompt(vocab_size: int) -> list[int]:
-    """A text prompt that leaves room for only a few tokens before max_model_len."""
-    length = MAX_MODEL_LEN - MAX_TOKENS - 1
-    return [(17 * i + 3) % (vocab_size - 32) + 16 for i in range(length)]
-
-
-def generate_all(llm, vocab_size: int) -> dict[str, list[list[int]]]:
+def near_max_conversation(llm) -> list:
+    """An image and a question padded with words so that the prompt leaves NEAR_MAX_ROOM tokens before
+    max_model_len (the prompt length is linear in the word count: two probes give the slope)."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+
+    def conversation(words: int) -> list:
+        return user(image(6), "Describe " + "the picture " * words + "in detail.")
+
+    def prompt_length(words: int) -> int:
+        probe = llm.chat([conversation(words)], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        return len(probe.prompt_token_ids)
+
+    base, per_ten = prompt_length(0), prompt_length(10) - prompt_length(0)
+    words = 10 * (MAX_MODEL_LEN - NEAR_MAX_ROOM - base) // per_ten
+    assert MAX_MODEL_LEN - 2 * NEAR_MAX_ROOM <= prompt_length(words) <= MAX_MODEL_LEN - NEAR_MAX_ROOM
+    return conversation(words)
+
+
+def generate(llm, batches: dict[str, list]) -> dict[str, tuple[list[list[int]], object]]:
+    """Per scenario: the greedy token ids and the speculative-decoding counters it added (None: no speculation)."""
+    from vllm import SamplingParams
+
+    from vispec_vllm.engine.metrics import SpecDecodeCounters
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     results = {}
-    for name, batch in conversations().items():
+    for name, batch in batches.items():
+        before = SpecDecodeCounters.from_metrics(llm.get_metrics())
         if name == "repeat":  # one at a time, so the second request finds the first in the prefix cache
             outputs = [llm.chat([conv], params, use_tqdm=False)[0] for conv in batch]
         else:
             outputs = llm.chat(batch, params, use_tqdm=False)
-        results[name] = [list(o.outputs[0].token_ids) for o in outputs]
-    near_max = llm.generate([TokensPrompt(prompt_token_ids=near_max_prompt(vocab_size))], params, use_tqdm=False)
-    results["near_max_len"] = [list(o.outputs[0].token_ids) for o in near_max]
+        counters = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
+        results[name] = ([list(o.outputs[0].token_ids) for o in outputs], counters)
     return results
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "llava_next"])
-def test_greedy_output_is_identical_to_target_alone(family, tiny_target, tiny_draft):
-    from vispec_vllm.factory import target_info
+def prefix_cache_hits(llm) -> int:
+    return int(next(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits"))
 
-    target, draft = tiny_target(family), tiny_draft(family)
-    vocab = target_info(target).vocab_size
-    common = dict(
-        model=str(target), max_model_len=MAX_MODEL_LEN, max_num_seqs=16, limit_mm_per_prompt={"image": 3}, block_size=32
-    )
-    spec = {"method": "eagle", "model": str(draft), "num_speculative_tokens": 3}
+
+def assert_lossless_with_both_paths(name: str, got, expected) -> None:
+    tokens, counters = got
+    assert tokens == expected[0], name
+    assert 0 < counters.accepted_tokens < counters.draft_tokens, (name, counters)
+
+
+def speculative(draft, k: int) -> dict:
+    return {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_is_identical_to_target_alone_with_accepted_drafts(family, tiny_target, trained_family_draft):
+    from parity import drafter_of
+
+    from vispec_vllm.engine.recorder import ProposalRecorder
+
+    target, draft = tiny_target(family), trained_family_draft(family)
+    common = dict(model=str(target), max_model_len=MAX_MODEL_LEN, max_num_seqs=16, limit_mm_per_prompt={"image": 3},
+                  block_size=32, disable_log_stats=False)
     with vllm_engine(**common) as llm:
-        expected = generate_all(llm, vocab)
-    with vllm_engine(**common, speculative_config=spec, disable_log_stats=False) as llm:
-        got = generate_all(llm, vocab)
-        drafted = {m.name: m for m in llm.get_metrics()}["vllm:spec_decode_num_draft_tokens"].value
-    with vllm_engine(**common, speculative_config=spec, max_num_batched_tokens=CHUNK_BUDGET[family]) as llm:
-        chunked = generate_all(llm, vocab)
-    assert drafted > 0
+        batches = scenarios() | {"near_max_len": [near_max_conversation(llm)]}
+        expected = generate(llm, batches)
+
+    with vllm_engine(**common, speculative_config=speculative(draft, 3)) as llm:
+        hits_before = prefix_cache_hits(llm)
+        got = generate(llm, {name: batch for name, batch in batches.items() if name != "near_max_len"})
+        hits = prefix_cache_hits(llm) - hits_before
+        got |= generate(llm, {"near_max_len": batches["near_max_len"]})
+    summary = {name: (c.accepted_tokens, c.draft_tokens) for name, (_, c) in got.items()}
+    print(f"{family} K=3: accepted/drafted per scenario {summary}; prefix-cache hit tokens {hits}")
+    assert hits > 0
+    assert len(expected["near_max_len"][0][0]) <= NEAR_MAX_ROOM  # it ran into max_model_len
     for name in expected:
-        assert got[name] == expected[name], name
-        assert chunked[name] == expected[name], f"{name} (chunked prefill)"
-    assert all(len(t) == MAX_TOKENS for outs in expected.values() for t in outs)
+        assert_lossless_with_both_paths(name, got[name], expected[name])
+
+    with vllm_engine(**common, speculative_config=speculative(draft, 3),
+                     max_num_batched_tokens=CHUNK_BUDGET[family]) as llm:
+        drafter_of(llm).recorder = recorder = ProposalRecorder()
+        chunked = generate(llm, {name: batches[name] for name in ("one_image", "three_images", "mixed_16")})
+    split_images = [  # a prefill chunk ended inside an image: the image was split across chunks
+        r for call in recorder.calls for r in call.drafts
+        if call.positions[r][-1] + 1 < recorder.prompt_lengths[r]
+        and any(offset <= call.positions[r][-1] + 1 < offset + length
+                for offset, length, _ in recorder.image_spans[r])
+    ]
+    print(f"{family} chunked prefill ({CHUNK_BUDGET[family]} tokens): {len(split_images)} prefill chunks ended "
+          "inside an image")
+    assert split_images
+    for name, result in chunked.items():
+        assert_lossless_with_both_paths(f"{name} (chunked prefill)", result, expected[name])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_is_lossless_at_every_k_and_with_num_q_3(family, tiny_target, trained_family_draft):
+    target = tiny_target(family)
+    common = dict(model=str(target), max_model_len=MAX_MODEL_LEN, max_num_seqs=16, limit_mm_per_prompt={"image": 3},
+                  block_size=32, disable_log_stats=False)
+    batch = {"mixed_16": mixed_batch()}
+    with vllm_engine(**common) as llm:
+        expected = generate(llm, batch)["mixed_16"]
+    runs = [(k, 2) for k in (1, 2, 5)] + [(3, 3)]
+    for k, num_q in runs:
+        draft = trained_family_draft(family, num_q=num_q)
+        with vllm_engine(**common, speculative_config=speculative(draft, k)) as llm:
+            got = generate(llm, batch)["mixed_16"]
+        print(f"{family} K={k} num_q={num_q}: accepted {got[1].accepted_tokens} of {got[1].draft_tokens}")
+        assert_lossless_with_both_paths(f"K={k}, num_q={num_q}", got, expected)

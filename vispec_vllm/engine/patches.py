@@ -34,6 +34,17 @@
       lack: a request with a `seed` and a chunked prompt stopped the engine (with or without speculation).
       `CPUModelRunner.sample_tokens` holds such a request's generator out of that step instead, so a
       discarded sample never draws from it (what the GPU rewind achieves).
+7. `Scheduler.schedule` of an engine with a ViSpec draft sends a new request's multimodal items to the worker
+   whole: vLLM 0.32 strips the processed inputs (pixels) of an item that lies inside the request's prefix-cache
+   hit (`strip_covered_mm_data`), and the draft re-encodes such an image when its adaptor output was evicted
+   (`image_encoder`). With one worker in the engine process (the default executor at TP=1) they are references
+   to what the scheduler holds anyway; worker processes (TP > 1) receive them serialized, as before vLLM
+   stripped them.
+8. `GPUModelRunner._on_request_state_removed` (vLLM's hook for request-scoped side caches, called as the runner
+   drops a finished or aborted request) also drops the request from the ViSpec proposer's image state, which
+   otherwise forgets requests only in its next `propose()`. No `propose()` follows the last requests of a burst,
+   so their image state (spans, adaptor outputs) stayed until the next request came; and a request id reused at
+   once (with vLLM's `VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`) kept the old request's images.
 """
 
 from __future__ import annotations
@@ -63,6 +74,8 @@ def apply_patches() -> None:
     _check_vispec_config_in_main_process()
     _reject_decompression_bombs_as_bad_requests()
     _correct_cpu_sampling_at_worker_start()
+    _send_whole_mm_items_to_vispec_workers()
+    _forget_removed_requests_in_the_drafter()
 
 
 def _swap_proposer() -> None:
@@ -91,16 +104,21 @@ def wrap_method(owner: object, name: str, make_wrapper: Callable[[Callable], Cal
     setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
 
 
+def drafts_with_vispec(vllm_config) -> bool:
+    """Is the engine's speculative draft a ViSpec draft?"""
+    spec = vllm_config.speculative_config
+    draft = getattr(spec, "draft_model_config", None) if spec is not None else None
+    architectures = getattr(getattr(draft, "hf_config", None), "architectures", None) or []
+    return any(is_vispec_architecture(a) for a in architectures)
+
+
 def _report_vispec_to_v2_runner() -> None:
     from vllm.config import VllmConfig
 
     def make(original):
         def unsupported_features(self: VllmConfig) -> list[str]:
             features = original(self)
-            spec = self.speculative_config
-            draft = getattr(spec, "draft_model_config", None) if spec is not None else None
-            architectures = getattr(getattr(draft, "hf_config", None), "architectures", None) or []
-            if any(is_vispec_architecture(a) for a in architectures):
+            if drafts_with_vispec(self):
                 features.append(V2_REASON)
             return features
 
@@ -246,3 +264,34 @@ def _keep_seeded_generators_off_discarded_samples() -> None:
 
     wrap_method(CPUModelRunner, "sample_tokens", make)
     logger.info_once("vispec-vllm: seeded requests with chunked prompts supported on the CPU runner")
+
+
+def _send_whole_mm_items_to_vispec_workers() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def make(original):
+        def schedule(self, *args, **kwargs):
+            output = original(self, *args, **kwargs)
+            if drafts_with_vispec(self.vllm_config):
+                for new_request in output.scheduled_new_reqs:
+                    new_request.mm_features = self.requests[new_request.req_id].mm_features
+            return output
+
+        return schedule
+
+    wrap_method(Scheduler, "schedule", make)
+
+
+def _forget_removed_requests_in_the_drafter() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # after _swap_proposer: it binds ViSpecProposer
+
+    def make(original):
+        def on_request_state_removed(self, req_id, req_state) -> None:
+            original(self, req_id, req_state)
+            image_states = getattr(getattr(self, "drafter", None), "image_states", None)
+            if image_states is not None:  # a ViSpec draft with images; `requests` no longer holds req_id
+                image_states.update((), self.requests, self.encoder_cache)
+
+        return on_request_state_removed
+
+    wrap_method(GPUModelRunner, "_on_request_state_removed", make)

@@ -9,6 +9,7 @@ reuses vLLM's sampling and metadata but builds the draft inputs itself:
    would hand it the temporal M-RoPE index, which lags the token index after an image: vllm#54498).
 3. Image inputs come from per-request state (`ImageStateStore`): compressed tokens at the last num_q-1
    slots of each image, the global feature g for later slots, and dropped image slots hidden from attention.
+   A request whose images cannot be handled is drafted text-only (logged); the target still verifies it.
 4. Draft KV lives in the target's slots (same block table), read and written by vLLM's attention backend
    with vLLM's own metadata and per-step slot update; dropped image slots are hidden by `FlaggedHeads`.
 5. CUDA-ready by construction: every forward reads persistent buffers (the stock ones for ids, positions and
@@ -29,7 +30,13 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm.v1.utils import CpuGpuBuffer
 
-from vispec_vllm.engine.image_state import BatchImageTables, ImageStateStore
+from vispec_vllm.engine.image_encoder import TargetImageEncoder
+from vispec_vllm.engine.image_state import (
+    ADAPTOR_CACHE_BYTES_ENV,
+    BatchImageTables,
+    ImageStateStore,
+    adaptor_cache_bytes,
+)
 from vispec_vllm.engine.kv_groups import check_draft_shares_target_kv_group
 from vispec_vllm.engine.profile_inputs import largest_image_inputs
 from vispec_vllm.engine.step_inputs import StepInputBuffers, chain_global_term, token_image_inputs
@@ -69,12 +76,24 @@ class ViSpecProposer(EagleProposer):
         check_draft_against_target(self.model, self.vllm_config)
         self.step_inputs = self.model.step_inputs
         if self.model.num_q is not None:
+            cache_bytes = adaptor_cache_bytes()
             self.image_states = ImageStateStore(
                 num_q=self.model.num_q,
                 hidden_size=self.hidden_size,
                 adapt=self.model.adapt_image,
+                reencode=TargetImageEncoder(target_model, self.device),
                 device=self.device,
                 dtype=self.dtype,
+                cache_bytes=cache_bytes,
+            )
+            entry_bytes = self.model.num_q * self.hidden_size * self.dtype.itemsize
+            logger.info(
+                "ViSpec adaptor-output cache: %.1f MiB on the device, outside vLLM's KV budget (%s; %d images of "
+                "%d bytes)",
+                cache_bytes / 2**20,
+                ADAPTOR_CACHE_BYTES_ENV,
+                cache_bytes // entry_bytes,
+                entry_bytes,
             )
         draft_vocab_size = self.model.vispec_config.draft_vocab_size
         logger.info(

@@ -87,20 +87,21 @@ def generate_tiny_data(target_dir: Path, work_dir: Path, *, seed: int = 0, llm=N
 
 
 def tiny_train_config(stage: int, target_dir: Path, data: list[Path], out: Path, init: Path | None, *, steps: int,
-                      seed: int, draft_vocab_size: int | None = None) -> TrainConfig:
+                      seed: int, draft_vocab_size: int | None = None, num_q: int = 2) -> TrainConfig:
     """Settings for tiny models: a large lr, short warmup, batches of 4, fp32 on the CPU."""
     return TrainConfig(stage=stage, target=Path(target_dir), data=data, out=out, init=init, lr=2e-3,
                        max_steps=steps, warmup_steps=max(1, steps // 20), batch_size=4, seed=seed,
                        save_every=steps, keep_checkpoints=1, precision="fp32", device="cpu", progress=False,
-                       draft_vocab_size=draft_vocab_size)
+                       draft_vocab_size=draft_vocab_size, num_q=num_q)
 
 
 def train_tiny_draft(target_dir: Path, work_dir: Path, *, seed: int = 0, steps: int = 300, llm=None,
                      max_new_tokens: int = 64, draft_vocab_size: int | None = None,
-                     data: tuple[Path, Path] | None = None) -> Path:
+                     data: tuple[Path, Path] | None = None, num_q: int = 2) -> Path:
     """A trained stage-2 ViSpec draft (official format) for the factory target `target_dir`.
 
     draft_vocab_size: a reduced draft vocabulary, chosen in stage 1 (the export then holds `d2t`).
+    num_q: stage 2's learned queries per image (num_q - 1 compressed tokens and the global feature).
     data: (image, text) data directories of an earlier `generate_tiny_data` to train on, instead of new ones.
     Idempotent: a finished `work_dir` is returned as is, whatever the arguments (give each setting its own
     `work_dir`); an interrupted one resumes.
@@ -117,4 +118,4 @@ def train_tiny_draft(target_dir: Path, work_dir: Path, *, seed: int = 0, steps: 
     stage1 = train(tiny_train_config(1, target_dir, [text_dir, image_dir], work_dir / "stage1", None,
                                      steps=steps, seed=seed, draft_vocab_size=draft_vocab_size))
     return train(tiny_train_config(2, target_dir, [image_dir, text_dir], work_dir / "stage2", stage1,
-                                   steps=steps, seed=seed))
+                                   steps=steps, seed=seed, num_q=num_q))
