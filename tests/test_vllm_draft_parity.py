@@ -1,6 +1,7 @@
 """Inside vLLM, the ViSpec draft proposes exactly what the reference `ViSpecDraft` proposes when fed the same
 target hidden states and image embeddings: at prefill and decode, after one and two images, after a
-prefix-cache hit, and with chunked prefill. This is what proves the vision path is really used."""
+prefix-cache hit, and with chunked prefill; with trained drafts for all three families, also in the steps
+after a partially accepted one. This is what proves the vision path is really used."""
 
 import copy
 
@@ -33,10 +34,10 @@ TWO_IMAGES = [
 TEXT_ONLY = [{"role": "user", "content": "Tell me a story about a cat and a dog."}]
 
 
-def record(target, draft, **engine_kwargs):
+def record(target, draft, max_tokens: int = 8, **engine_kwargs):
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     with vllm_engine(
         model=str(target),
         limit_mm_per_prompt={"image": 2},
@@ -159,3 +160,20 @@ def test_stage1_eagle_draft_equals_reference(tiny_target, tiny_draft):
     report = compare(recorder, load_oracle(draft, target), target_info(target).image_token_id)
     assert report.mismatched == []
     assert report.with_images > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "llava_next"])
+def test_trained_drafts_equal_reference_also_after_partially_accepted_steps(family, tiny_target, trained_family_draft):
+    num_speculative_tokens = 3
+    target, draft = tiny_target(family), trained_family_draft(family)
+    # no prefix caching: a hit on a shared chat-template prefix would hide positions the oracle needs
+    recorder = record(target, draft, max_tokens=24, enable_prefix_caching=False)
+    report = compare(recorder, load_oracle(draft, target), target_info(target).image_token_id)
+    # a decode step's valid query is the bonus token plus the accepted drafts of the step before
+    accepted_before = [len(call.positions[r]) - 1 for call in recorder.calls for r in call.drafts
+                       if call.positions[r][0] >= recorder.prompt_lengths[r]]
+    partial = [n for n in accepted_before if 0 < n < num_speculative_tokens]
+    print(f"{family}: {report.compared} proposals compared ({report.with_images} after an image); drafts "
+          f"accepted in the step before each decode proposal: {sorted(accepted_before)}")
+    assert report.mismatched == []
+    assert report.with_images > 0 and partial and 0 in accepted_before

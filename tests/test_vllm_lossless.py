@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 2048
 MAX_TOKENS = 24
-NEAR_MAX_ROOM = 8  # tokens left before max_model_len in the near-max prompt: generation stops there
+NEAR_MAX_ROOM = 12  # tokens left before max_model_len after the near-max prompt: generation stops there
 # Chunked-prefill token budget per family: small enough to split the images of a request across chunks, but it
 # must hold every image of one request (three here): with less, vLLM 0.32's scheduler was seen spinning without
 # scheduling anything (96 tokens for three 64-token LLaVA images).
@@ -64,24 +64,6 @@ def scenarios() -> dict[str, list]:
     }
 
 
-def near_max_conversation(llm) -> list:
-    """An image and a question padded with words so that the prompt leaves NEAR_MAX_ROOM tokens before
-    max_model_len (the prompt length is linear in the word count: two probes give the slope)."""
-    from vllm import SamplingParams
-
-    def conversation(words: int) -> list:
-        return user(image(6), "Describe " + "the picture " * words + "in detail.")
-
-    def prompt_length(words: int) -> int:
-        probe = llm.chat([conversation(words)], SamplingParams(max_tokens=1), use_tqdm=False)[0]
-        return len(probe.prompt_token_ids)
-
-    base, per_ten = prompt_length(0), prompt_length(10) - prompt_length(0)
-    words = 10 * (MAX_MODEL_LEN - NEAR_MAX_ROOM - base) // per_ten
-    assert MAX_MODEL_LEN - 2 * NEAR_MAX_ROOM <= prompt_length(words) <= MAX_MODEL_LEN - NEAR_MAX_ROOM
-    return conversation(words)
-
-
 def generate(llm, batches: dict[str, list]) -> dict[str, tuple[list[list[int]], object]]:
     """Per scenario: the greedy token ids and the speculative-decoding counters it added (None: no speculation)."""
     from vllm import SamplingParams
@@ -118,25 +100,32 @@ def speculative(draft, k: int) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_output_is_identical_to_target_alone_with_accepted_drafts(family, tiny_target, trained_family_draft):
     from parity import drafter_of
+    from vllm import SamplingParams
 
     from vispec_vllm.engine.recorder import ProposalRecorder
 
     target, draft = tiny_target(family), trained_family_draft(family)
     common = dict(model=str(target), max_model_len=MAX_MODEL_LEN, max_num_seqs=16, limit_mm_per_prompt={"image": 3},
                   block_size=32, disable_log_stats=False)
+    batches = scenarios()
     with vllm_engine(**common) as llm:
-        batches = scenarios() | {"near_max_len": [near_max_conversation(llm)]}
         expected = generate(llm, batches)
-
+        near_max_len = len(llm.chat(batches["one_image"], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+                           .prompt_token_ids) + NEAR_MAX_ROOM
     with vllm_engine(**common, speculative_config=speculative(draft, 3)) as llm:
         hits_before = prefix_cache_hits(llm)
-        got = generate(llm, {name: batch for name, batch in batches.items() if name != "near_max_len"})
+        got = generate(llm, batches)
         hits = prefix_cache_hits(llm) - hits_before
-        got |= generate(llm, {"near_max_len": batches["near_max_len"]})
+    # the image prompt again, in engines whose max_model_len leaves it NEAR_MAX_ROOM tokens
+    near_max = {"near_max_len": batches["one_image"]}
+    with vllm_engine(**common | {"max_model_len": near_max_len}) as llm:
+        expected |= generate(llm, near_max)
+    with vllm_engine(**common | {"max_model_len": near_max_len}, speculative_config=speculative(draft, 3)) as llm:
+        got |= generate(llm, near_max)
     summary = {name: (c.accepted_tokens, c.draft_tokens) for name, (_, c) in got.items()}
     print(f"{family} K=3: accepted/drafted per scenario {summary}; prefix-cache hit tokens {hits}")
     assert hits > 0
-    assert len(expected["near_max_len"][0][0]) <= NEAR_MAX_ROOM  # it ran into max_model_len
+    assert len(expected["near_max_len"][0][0]) == NEAR_MAX_ROOM < MAX_TOKENS  # it ran into max_model_len
     for name in expected:
         assert_lossless_with_both_paths(name, got[name], expected[name])
 
