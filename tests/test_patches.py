@@ -19,6 +19,7 @@ def test_register_is_idempotent_and_swaps_the_proposer():
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.processing.context import InputProcessingContext
     from vllm.transformers_utils.configs.eagle import EAGLEConfig
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -34,6 +35,7 @@ def test_register_is_idempotent_and_swaps_the_proposer():
         (ImageMediaIO, "load_bytes"),
         (Scheduler, "schedule"),
         (GPUModelRunner, "_on_request_state_removed"),
+        (InputProcessingContext, "call_hf_processor"),
     ]
     vispec_vllm.register()
     first = [getattr(owner, name) for owner, name in wrapped]

@@ -1,130 +1,50 @@
 """The OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, equivalent to `vllm serve`) with the
 tiny Qwen2.5-VL target and its ViSpec draft, in its own process as deployed (engine core and worker processes),
 driven by the `openai` client: images as data URLs and as files, streaming equal to non-streaming, the spec-decode
-counters per draft position, bad requests answered 4xx while the server keeps serving, and no process left
-behind once it is stopped. One server for the module."""
+counters per draft position, bad requests answered 4xx while the server keeps serving (fixed cases and seeded
+fuzzed images), and no process left behind once it is stopped. One server for the module; the start-up failures
+(a bad speculative config, a draft whose weights do not fit it) start their own."""
 
 import base64
 import io
-import json
-import os
-import signal
-import socket
+import random
+import shutil
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 import openai
-import psutil
 import pytest
+from server_process import (
+    MODEL_NAME,
+    metric_samples,
+    speculative_config,
+    start_server,
+    wait_for_exit,
+    wait_until_healthy,
+)
 
 from vispec_vllm.factory import make_test_image
 from vispec_vllm.media import image_part
 
 pytestmark = pytest.mark.vllm
 
-MODEL_NAME = "tiny-qwen2_5_vl"
 NUM_SPECULATIVE_TOKENS = 3
 MAX_TOKENS = 16
 QUESTION = {"type": "text", "text": "Describe the picture in a few words."}
-STARTUP_LIMIT_S = 300  # a guard against a hung start-up, not a measurement
-STOP_LIMIT_S = 60
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    base_url: str
-    log: Path
-    media_dir: Path
-    descendants: list[psutil.Process] = field(default_factory=list)
-
-    def log_tail(self, num_lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-num_lines:])
-
-    def stop(self) -> list[psutil.Process]:
-        """SIGTERM, then SIGKILL if it does not exit; returns the descendants still alive (killed as well)."""
-        if self.process.poll() is None:
-            self.descendants += [p for p in _descendants(self.process.pid) if p not in self.descendants]
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_LIMIT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        _, alive = psutil.wait_procs(self.descendants, timeout=STOP_LIMIT_S)
-        for process in alive:
-            process.kill()
-        return alive
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(target: Path, draft: Path, workdir: Path) -> Server:
-    media_dir = workdir / "media"
-    media_dir.mkdir()
-    port = _free_port()
-    spec = {"method": "eagle", "model": str(draft), "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(target),
-        "--served-model-name", MODEL_NAME,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--dtype", "float32",
-        "--enforce-eager",
-        "--max-model-len", "1024",
-        "--max-num-seqs", "4",
-        "--seed", "0",
-        "--allowed-local-media-path", str(media_dir),
-        "--limit-mm-per-prompt", json.dumps({"image": 1}),
-        "--speculative-config", json.dumps(spec),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # conftest's in-process setting is for LLM() tests only
-    log = workdir / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    return Server(process=process, base_url=f"http://127.0.0.1:{port}", log=log, media_dir=media_dir)
-
-
-def wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_LIMIT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"server exited with {server.process.returncode} during start-up:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"server not healthy after {STARTUP_LIMIT_S} s:\n{server.log_tail()}")
+MAX_IMAGE_PIXELS = 4096 * 4096  # the server's VLLM_MAX_IMAGE_PIXELS, below Pillow's decompression-bomb limit
+NUM_FUZZED_IMAGES = 16
+FAILED_START_LIMIT_S = 180  # a guard against a hung start-up, not a measurement
 
 
 @pytest.fixture(scope="module")
 def server(tiny_target, tiny_draft, tmp_path_factory):
     target, draft = tiny_target("qwen2_5_vl"), tiny_draft("qwen2_5_vl")
-    server = start_server(target, draft, tmp_path_factory.mktemp("server"))
+    spec = speculative_config(draft, NUM_SPECULATIVE_TOKENS)
+    server = start_server(target, tmp_path_factory.mktemp("server"), spec=spec,
+                          env={"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)})
     try:
         wait_until_healthy(server)
-        server.descendants = _descendants(server.process.pid)
         yield server
     finally:
         server.stop()
@@ -179,22 +99,9 @@ def test_streamed_answer_equals_the_non_streaming_answer(client, greedy_answer):
     assert usage.completion_tokens == MAX_TOKENS
 
 
-def spec_decode_samples(server) -> dict[str, list]:
-    """Samples of the vllm:spec_decode_* counters on /metrics, by sample name."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("vllm:spec_decode_"):
-                samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
 def test_metrics_count_drafts_and_accepted_tokens_per_position(server, greedy_answer):
     for _ in range(20):  # the engine's stats reach the server's counters just after the response may have
-        samples = spec_decode_samples(server)
+        samples = metric_samples(server, "vllm:spec_decode_")
         if samples["vllm:spec_decode_num_drafts_total"][0].value > 0:
             break
         time.sleep(0.5)
@@ -221,10 +128,14 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
-def _png_bytes(image) -> bytes:
+def _image_bytes(image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def _jpeg_part(data: bytes) -> dict:
+    return _data_url_part(data, "image/jpeg")
 
 
 BAD_IMAGES = {
@@ -233,8 +144,22 @@ BAD_IMAGES = {
         "base64",
     ),
     "bytes that are not an image": (lambda server: [_data_url_part(b"hello, world " * 8)], "Failed to load image"),
-    "truncated image": (lambda server: [_data_url_part(_png_bytes(make_test_image(2))[:80])], "truncated"),
+    "empty image data": (lambda server: [_data_url_part(b"")], "cannot identify image file"),
+    "truncated image": (lambda server: [_data_url_part(_image_bytes(make_test_image(2))[:80])], "truncated"),
+    "truncated JPEG": (
+        lambda server: [_jpeg_part(_image_bytes(make_test_image(2), "JPEG")[:2000])],
+        "image file is truncated",
+    ),
+    "zero-size image": (lambda server: [_data_url_part(_png_header_only(0, 0))], "cannot identify image file"),
+    "image over VLLM_MAX_IMAGE_PIXELS": (
+        lambda server: [_data_url_part(_png_header_only(5000, 5000))],
+        f"exceed the maximum of {MAX_IMAGE_PIXELS} pixels",
+    ),
     "image over the pixel limit": (lambda server: [_data_url_part(_png_header_only(20_000, 20_000))], "exceeds limit"),
+    "aspect ratio over 200": (
+        lambda server: [_data_url_part(_image_bytes(make_test_image(5, size=(3000, 2))))],
+        "aspect ratio",
+    ),
     "more images than limit_mm_per_prompt": (
         lambda server: [image_part(make_test_image(2)), image_part(make_test_image(3))],
         "At most 1 image",
@@ -242,6 +167,10 @@ BAD_IMAGES = {
     "file outside the allowed media path": (
         lambda server: [{"type": "image_url", "image_url": {"url": server.log.as_uri()}}],
         "allowed-local-media-path",
+    ),
+    "unsupported URL scheme": (
+        lambda server: [{"type": "image_url", "image_url": {"url": "ftp://127.0.0.1/picture.png"}}],
+        "must be either a HTTP, data or file URL",
     ),
 }
 
@@ -257,6 +186,80 @@ def test_bad_image_request_gets_4xx_and_the_server_keeps_serving(server, client,
     after = chat(client, [image_part(make_test_image(4)), QUESTION], max_tokens=2)
     assert after.usage.completion_tokens == 2
     assert server.process.poll() is None
+
+
+def fuzzed_image(rng: random.Random) -> tuple[str, bytes]:
+    """A PNG or JPEG of a seeded test image, then damaged one way: cut short, some bytes flipped, a run of bytes
+    overwritten with noise, or everything after the format's signature replaced with noise."""
+    fmt = rng.choice(("PNG", "JPEG"))
+    data = bytearray(_image_bytes(make_test_image(rng.randrange(1000), size=(rng.randint(28, 300),) * 2), fmt))
+    damage = rng.choice(("cut", "flip", "overwrite", "noise"))
+    if damage == "cut":
+        data = data[: rng.randrange(1, len(data))]
+    elif damage == "flip":
+        for offset in rng.sample(range(len(data)), rng.randint(1, 8)):
+            data[offset] ^= 1 << rng.randrange(8)
+    elif damage == "overwrite":
+        start = rng.randrange(len(data))
+        data[start : start + rng.randint(1, 64)] = rng.randbytes(rng.randint(1, 64))
+    else:
+        data = data[:8] + rng.randbytes(rng.randint(0, 4096))
+    return fmt, bytes(data)
+
+
+def test_fuzzed_images_get_an_answer_or_a_4xx_and_the_server_keeps_serving(server, client):
+    rng = random.Random(0)
+    outcomes = []
+    for _ in range(NUM_FUZZED_IMAGES):
+        fmt, data = fuzzed_image(rng)
+        try:
+            answer = chat(client, [_data_url_part(data, f"image/{fmt.lower()}"), QUESTION], max_tokens=2)
+        except openai.APIStatusError as err:
+            assert 400 <= err.status_code < 500, str(err)
+            assert "image" in str(err).lower(), str(err)
+            outcomes.append(err.status_code)
+        else:
+            assert answer.usage.completion_tokens == 2  # damage Pillow decodes through (JPEG, mostly)
+            outcomes.append(200)
+    print(f"\n{NUM_FUZZED_IMAGES} fuzzed images: {outcomes.count(200)} answered, {outcomes.count(400)} answered 400")
+    assert outcomes.count(400) > 0
+    after = chat(client, [image_part(make_test_image(4)), QUESTION], max_tokens=2)
+    assert after.usage.completion_tokens == 2
+    assert server.process.poll() is None
+
+
+def _draft_with_a_misshapen_weight(draft, out):
+    """A copy of `draft` whose `fc.weight` is narrower than its config.json says."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    shutil.copy(draft / "config.json", out / "config.json")
+    weights = load_file(draft / "model.safetensors")
+    rows, columns = weights["fc.weight"].shape
+    weights["fc.weight"] = weights["fc.weight"][:, : columns - 56].contiguous()
+    save_file(weights, out / "model.safetensors")
+    return out, f"fc.weight expected [{rows}, {columns}] found [{rows}, {columns - 56}]"
+
+
+@pytest.mark.parametrize("fault", ["unknown speculative-config key", "draft weight of the wrong shape"])
+def test_bad_speculative_setup_stops_the_server_at_start_up_with_a_clear_error(tiny_target, tiny_draft, tmp_path,
+                                                                               fault):
+    draft = tiny_draft("qwen2_5_vl")
+    if fault == "unknown speculative-config key":
+        spec = speculative_config(draft, num_speculative_token=3)  # a typo of num_speculative_tokens
+        expected = "num_speculative_token\n  Unexpected keyword argument"
+    else:
+        bad_draft, expected = _draft_with_a_misshapen_weight(draft, tmp_path / "draft")
+        spec = speculative_config(bad_draft)
+    server = start_server(tiny_target("qwen2_5_vl"), tmp_path, spec=spec)
+    try:
+        seconds = wait_for_exit(server, FAILED_START_LIMIT_S)
+    finally:
+        survivors = server.stop()
+    print(f"\n{fault}: exit code {server.process.returncode} after {seconds:.0f} s")
+    assert server.process.returncode != 0
+    assert survivors == []
+    assert expected in server.log.read_text(errors="replace"), server.log_tail()
 
 
 def test_stopping_the_server_leaves_no_process(server):

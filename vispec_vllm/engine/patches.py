@@ -45,6 +45,9 @@
    otherwise forgets requests only in its next `propose()`. No `propose()` follows the last requests of a burst,
    so their image state (spans, adaptor outputs) stayed until the next request came; and a request id reused at
    once (with vLLM's `VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`) kept the old request's images.
+9. `InputProcessingContext.call_hf_processor` names the cause of a HuggingFace processor's failure in the
+   ValueError it raises (HTTP 400): vLLM's message lists only the processor, the data and the kwargs, so an image
+   the processor refuses (Qwen2-VL: aspect ratio over 200) was answered without the reason.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def apply_patches() -> None:
     _correct_cpu_sampling_at_worker_start()
     _send_whole_mm_items_to_vispec_workers()
     _forget_removed_requests_in_the_drafter()
+    _name_the_cause_of_processor_errors()
 
 
 def _swap_proposer() -> None:
@@ -295,3 +299,21 @@ def _forget_removed_requests_in_the_drafter() -> None:
         return on_request_state_removed
 
     wrap_method(GPUModelRunner, "_on_request_state_removed", make)
+
+
+def _name_the_cause_of_processor_errors() -> None:
+    from vllm.multimodal.processing.context import InputProcessingContext
+
+    def make(original):
+        def call_hf_processor(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            except ValueError as err:
+                cause = err.__cause__
+                if cause is None or str(cause) in str(err):
+                    raise
+                raise ValueError(f"{err}: {type(cause).__name__}: {cause}") from cause
+
+        return call_hf_processor
+
+    wrap_method(InputProcessingContext, "call_hf_processor", make)
