@@ -120,10 +120,16 @@ class ViSpecProposer(EagleProposer):
         slot_mappings: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """vLLM's dummy forwards (memory profile, compilation, graph capture), after the image path's own work at
-        its largest: the adaptor over the largest image, and image inputs for all `num_tokens` slots."""
-        if self.is_vispec and self.image_states is not None and not is_graph_capturing:
-            self._write_largest_image_inputs(num_tokens)  # its temporaries are freed before the forwards below
+        its largest: the adaptor over the largest image, and image inputs for all `num_tokens` slots. The
+        adaptor-output cache's whole byte budget is held through it, so the profiled peak leaves room for the
+        cache, which fills later on the device."""
+        if not (self.is_vispec and self.image_states is not None and not is_graph_capturing):
+            super().dummy_run(num_tokens, use_cudagraphs, is_graph_capturing, slot_mappings)
+            return
+        cache_budget = torch.empty(self.image_states.adaptor_cache.max_bytes, dtype=torch.uint8, device=self.device)
+        self._write_largest_image_inputs(num_tokens)  # its temporaries are freed before the forwards below
         super().dummy_run(num_tokens, use_cudagraphs, is_graph_capturing, slot_mappings)
+        del cache_budget
 
     def _write_largest_image_inputs(self, num_tokens: int) -> None:
         image_inputs = largest_image_inputs(self.model, self.runner, num_tokens)
