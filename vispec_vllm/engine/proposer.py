@@ -246,7 +246,7 @@ class ViSpecProposer(EagleProposer):
         positions = positions[sample_index]
         hidden = hidden[sample_index]
         if tables is not None:
-            self.step_inputs.write_text(chain_global, num_rows)
+            self.step_inputs.write_text_slots(chain_global)
         cad.num_actual_tokens = num_rows
         cad.max_query_len = 1
         cad.query_start_loc = self.arange[: num_rows + 1]
@@ -323,7 +323,7 @@ class ViSpecProposer(EagleProposer):
         if tables.all_images_before(self.runner.input_batch.num_computed_tokens_cpu[:num_rows]):
             # decode: every query is a text slot after its row's images; all of this is fixed per batch
             after = tables.after_images(num_blocks, self.block_size)
-            self.step_inputs.write_text(after.global_term[row_of_token], row_of_token.shape[0])
+            self.step_inputs.write_text_slots(after.global_term[row_of_token])
             chain_global = after.global_term
             order, skipped = after.block_order, after.skipped_keys
         else:

@@ -53,11 +53,10 @@ class StepInputBuffers:
         self.is_compressed[:num_tokens].copy_(inputs.is_compressed)
         self.is_dropped[:num_tokens].copy_(inputs.is_dropped)
 
-    def write_text(self, global_term: torch.Tensor | None, num_tokens: int) -> None:
-        """Rows [0, T) of text slots after their images: only the global term ([T, H]; None: leave it, it is
-        zero for a draft without images)."""
-        if global_term is not None:
-            self.global_term[:num_tokens].copy_(global_term)
+    def write_text_slots(self, global_term: torch.Tensor) -> None:
+        """Rows [0, T) of text slots after their images: only the global term ([T, H]) is set."""
+        num_tokens = global_term.shape[0]
+        self.global_term[:num_tokens].copy_(global_term)
         self.is_compressed[:num_tokens] = False
         self.is_dropped[:num_tokens] = False
 
