@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`, equivalent to `vllm serve`) with the
+"""The OpenAI-compatible server (`vllm serve`, started by `vispec_vllm.server_process`) with the
 tiny Qwen2.5-VL target and its ViSpec draft, in its own process as deployed (engine core and worker processes),
 driven by the `openai` client: images as data URLs and as files, streaming equal to non-streaming, the spec-decode
 counters per draft position, bad requests answered 4xx while the server keeps serving (fixed cases and seeded

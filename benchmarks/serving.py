@@ -1,0 +1,395 @@
+"""Serving benchmark: a real `vllm serve` with the target alone, the vision-blind EAGLE draft and the ViSpec draft,
+driven by vLLM's own serving client (`vllm bench serve`) with image requests, at several concurrencies.
+
+    .venv/bin/python benchmarks/serving.py                      # the small world: concurrency 1,4,16,32 (~40 min)
+    .venv/bin/python benchmarks/serving.py --preset tiny --target T --vispec V --eagle E        # CI-sized
+
+1. Requests: scenes of the world's held-out-wording split (unseen images and unseen question phrasings), written
+   as a `custom_image` JSONL (prompt + PNG data URL), vLLM's own dataset format for image benchmarks.
+2. Schedules: each draft gets its own load-adaptive schedule from `python -m vispec_vllm.calibrate`, measured on
+   other prompts (the held-out-images split), with --profile for the ViSpec draft: where a decode step's time
+   goes at every calibrated batch size (1 and 16 included). `--fixed-k` skips this and drafts K at every load.
+3. Three `vllm serve` processes, started once (float32, greedy, prefix caching off so every repeat is a cold
+   request). For each repeat and each concurrency, the three arms run in turn, in an order rotated from point to
+   point, each with `vllm bench serve --backend openai-chat --dataset-name custom_image --max-concurrency C`
+   (vLLM's benchmark module, in this process, with the same arguments; the exact command is in the log).
+4. Per point: output tokens/s, TTFT, TPOT, and AL (vLLM's mean acceptance length, bonus token included, from the
+   server's counters, as `vllm bench serve` reports it). Speedup = the arm's output tokens/s / the target's in the
+   same repeat; median [min-max] over repeats. Greedy float32 answers are compared with the target's.
+Writes serving.json, serving.png and each run's `vllm bench serve` result JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("target alone", "blind EAGLE", "ViSpec")
+STARTUP_LIMIT_S = 600
+
+
+@dataclass(frozen=True)
+class Preset:
+    concurrencies: tuple[int, ...]
+    repeats: int
+    min_prompts: int  # requests per point: max(min_prompts, 2 x concurrency)
+    max_tokens: int
+    calibration_steps: int
+    calibration_prompts: int
+
+
+PRESETS = {
+    "small": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
+                    calibration_prompts=8),
+    "tiny": Preset(concurrencies=(1, 2), repeats=2, min_prompts=2, max_tokens=16, calibration_steps=8,
+                   calibration_prompts=4),
+}
+
+
+@dataclass
+class Point:
+    arm: str
+    concurrency: int
+    repeat: int
+    prompts: int
+    output_tokens_per_s: float
+    median_ttft_ms: float
+    median_tpot_ms: float
+    acceptance_length: float | None  # None for the target alone
+    output_tokens: int
+    identical_to_target: int | None = None  # answers equal to the target's in the same repeat
+
+
+@dataclass(frozen=True)
+class Models:
+    target: Path
+    eagle: Path
+    vispec: Path
+    label: str
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+def write_requests(split: str, count: int, directory: Path) -> tuple[Path, Path]:
+    """`count` samples of `split`: a `vllm bench serve` custom_image JSONL (PNG data URLs) and a calibration
+    prompts file (PNG files beside it)."""
+    from vispec_vllm.media import image_data_url
+    from vispec_vllm.world.scenes import make_scene, render
+    from vispec_vllm.world.splits import split_samples
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lines, prompts = [], []
+    for index, sample in enumerate(split_samples(split, count)):
+        image = render(make_scene(sample.scene_seed))
+        image.save(directory / f"{index:03d}.png")
+        lines.append(json.dumps({"prompt": sample.question, "image_files": [image_data_url(image)]}))
+        prompts.append({"text": sample.question, "image": f"{index:03d}.png"})
+    (directory / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    (directory / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    return directory / "requests.jsonl", directory / "prompts.json"
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+
+def calibrate(target: Path, draft: Path, prompts: Path, preset: Preset, k: int, out: Path, profile: bool,
+              terminal) -> dict:
+    """The draft's speculative config with its calibrated schedule (`python -m vispec_vllm.calibrate`, in its own
+    process, with the servers' engine settings); prints its report."""
+    import subprocess
+
+    max_seqs = max(preset.concurrencies)
+    command = [sys.executable, "-m", "vispec_vllm.calibrate", "--target", str(target), "--draft", str(draft),
+               "--num-speculative-tokens", str(k), "--batch-sizes", ",".join(map(str, preset.concurrencies)),
+               "--max-num-seqs", str(max_seqs), "--prompts", str(prompts), "--steps", str(preset.calibration_steps),
+               "--max-tokens", str(preset.max_tokens), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", str(MAX_MODEL_LEN), "--engine-args", json.dumps({"enable_prefix_caching": False}),
+               "--out", str(out)] + (["--profile"] if profile else [])
+    print(f"[serving] calibrating the {draft.name} draft: python {' '.join(command[1:])}", file=terminal)
+    terminal.flush()
+    done = subprocess.run(command, stdout=terminal)  # its report on the terminal, its engine's output in its log
+    if done.returncode != 0:
+        raise SystemExit(f"calibration of {draft} failed (exit {done.returncode}); see {out.with_suffix('.log')}")
+    return json.loads(out.read_text())["speculative_config"]
+
+
+# ------------------------------------------------------------------------------------------------ servers
+
+MAX_MODEL_LEN = 1024
+
+
+def serve_args(max_num_seqs: int, spec: dict | None) -> list[str]:
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+            "--max-num-seqs", str(max_num_seqs), "--seed", "0", "--no-enable-prefix-caching",
+            "--limit-mm-per-prompt", json.dumps({"image": 1})]
+    return args if spec is None else args + ["--speculative-config", json.dumps(spec)]
+
+
+def start_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int, out: Path, verbose: bool,
+                  terminal) -> dict:
+    from vispec_vllm.server_process import launch_server
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    if not verbose:
+        env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+    servers = {}
+    for arm, spec in specs.items():
+        args = serve_args(max_num_seqs, spec)
+        log = out / f"server-{arm.replace(' ', '_')}.log"
+        print(f"[serving] vllm serve {target} {' '.join(args)}  (log: {log})", file=terminal)
+        servers[arm] = launch_server(target, args, log, env=env)
+    try:
+        for server in servers.values():
+            server.wait_until_healthy(STARTUP_LIMIT_S)
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+# ------------------------------------------------------------------------------------------------ client
+
+
+def bench_serve_args(base_url: str, target: Path, requests: Path, concurrency: int, prompts: int, max_tokens: int,
+                     result_dir: Path, result_name: str) -> list[str]:
+    """The `vllm bench serve` arguments of one point."""
+    return ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+            "--model", str(target), "--dataset-name", "custom_image", "--dataset-path", str(requests),
+            "--disable-shuffle", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--custom-output-len", str(max_tokens), "--temperature", "0", "--seed", "0",
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm", "--save-result", "--save-detailed",
+            "--result-dir", str(result_dir), "--result-filename", result_name]
+
+
+def run_bench_serve(args: list[str], log) -> dict:
+    """`vllm bench serve <args>` in this process (vLLM's benchmark module); its printout goes to `log`."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    parsed = parser.parse_args(args)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = main(parsed)
+    log.write(f"$ vllm bench serve {' '.join(args)}\n{printed.getvalue()}\n")
+    log.flush()
+    if result.get("failed", 0):
+        raise SystemExit(f"{result['failed']} requests failed: {result.get('errors', [])[:3]}")
+    return result
+
+
+def point_from(arm: str, concurrency: int, repeat: int, result: dict) -> Point:
+    al = result.get("spec_decode_acceptance_length")
+    return Point(arm, concurrency, repeat, result["completed"], result["output_throughput"], result["median_ttft_ms"],
+                 result["median_tpot_ms"], None if arm == ARMS[0] else al, result["total_output_tokens"])
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def speedups(points: list[Point], arm: str, concurrency: int) -> list[float]:
+    """Per repeat: the arm's output tokens/s over the target's at the same concurrency and repeat."""
+    by_key = {(p.arm, p.concurrency, p.repeat): p for p in points}
+    return [by_key[(arm, concurrency, r)].output_tokens_per_s / by_key[(ARMS[0], concurrency, r)].output_tokens_per_s
+            for (a, c, r) in by_key if a == arm and c == concurrency]
+
+
+def summarise(points: list[Point]) -> list[dict]:
+    rows = []
+    for concurrency in sorted({p.concurrency for p in points}):
+        for arm in ARMS:
+            group = [p for p in points if (p.arm, p.concurrency) == (arm, concurrency)]
+            if not group:
+                continue
+            ratios = speedups(points, arm, concurrency)
+            als = [p.acceptance_length for p in group if p.acceptance_length is not None]
+            rows.append({
+                "concurrency": concurrency, "arm": arm, "repeats": len(group),
+                "output_tokens_per_s": [p.output_tokens_per_s for p in group],
+                "speedup": ratios, "ttft_ms": [p.median_ttft_ms for p in group],
+                "tpot_ms": [p.median_tpot_ms for p in group], "acceptance_length": als,
+                "identical": sum(p.identical_to_target or 0 for p in group) if arm != ARMS[0] else None,
+                "answers": sum(p.prompts for p in group),
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'conc':>4}  {'arm':<13}{'output tok/s':>22}{'speedup':>22}{'TTFT ms':>10}{'TPOT ms':>10}"
+             f"{'AL':>7}  identical answers"]
+    for row in rows:
+        speedup = _spread(row["speedup"], ".2f") + "x" if row["arm"] != ARMS[0] else ""
+        al = f"{statistics.median(row['acceptance_length']):.2f}" if row["acceptance_length"] else ""
+        same = f"{row['identical']}/{row['answers']}" if row["identical"] is not None else ""
+        lines.append(f"{row['concurrency']:>4}  {row['arm']:<13}{_spread(row['output_tokens_per_s'], '.1f'):>22}"
+                     f"{speedup:>22}{statistics.median(row['ttft_ms']):>10.0f}"
+                     f"{statistics.median(row['tpot_ms']):>10.1f}{al:>7}  {same}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrencies = sorted({r["concurrency"] for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for index, arm in enumerate(ARMS):
+        arm_rows = [next(r for r in rows if (r["arm"], r["concurrency"]) == (arm, c)) for c in concurrencies]
+        for axis, key in ((left, "speedup"), (right, "output_tokens_per_s")):
+            if key == "speedup" and arm == ARMS[0]:
+                continue
+            medians = [statistics.median(r[key]) for r in arm_rows]
+            errors = [[m - min(r[key]) for m, r in zip(medians, arm_rows, strict=True)],
+                      [max(r[key]) - m for m, r in zip(medians, arm_rows, strict=True)]]
+            axis.errorbar(concurrencies, medians, yerr=errors, marker="o", capsize=3, color=f"C{index}", label=arm)
+            if key == "speedup":
+                for c, m in zip(concurrencies, medians, strict=True):
+                    axis.annotate(f"{m:.2f}x", (c, m), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    left.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    left.set_ylabel("output tokens/s over the target alone")
+    left.set_title("speedup, median [min-max] over repeats")
+    right.set_ylabel("output tokens/s")
+    right.set_title("throughput")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.set_xlabel("concurrency (vllm bench serve --max-concurrency)")
+        axis.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="sizes of the run (small: the README's figures; tiny: CI)")
+    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the small world's")
+    parser.add_argument("--vispec", type=Path, help="with --target: the ViSpec draft")
+    parser.add_argument("--eagle", type=Path, help="with --target: the vision-blind (stage-1) EAGLE draft")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="override the preset's concurrencies")
+    parser.add_argument("--repeats", type=int, help="override the preset's repeats (at least 3 for reported figures)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, help="largest K (default 3)")
+    parser.add_argument("--fixed-k", action="store_true", help="no calibration: both drafts draft K at every load")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
+    parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs in the server logs")
+    args = parser.parse_args(argv)
+    if args.target is not None and (args.vispec is None or args.eagle is None):
+        parser.error("--target needs --vispec and --eagle")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vispec_vllm.console import engine_output_to, quiet_vllm
+
+    quiet_vllm(args.verbose)
+    preset = PRESETS[args.preset]
+    concurrencies = tuple(sorted(args.concurrency or preset.concurrencies))
+    preset = Preset(concurrencies, args.repeats or preset.repeats, preset.min_prompts, preset.max_tokens,
+                    preset.calibration_steps, preset.calibration_prompts)
+    if args.target is not None:
+        models = Models(args.target.resolve(), args.eagle.resolve(), args.vispec.resolve(), f"target {args.target}")
+    else:
+        from vispec_vllm.world.build import DEFAULT_ROOT, build_world
+        from vispec_vllm.world.presets import PRESETS as WORLDS
+
+        world = build_world(WORLDS["small"], DEFAULT_ROOT, progress=True)
+        models = Models(world.target, world.eagle_draft, world.vispec_draft,
+                        "small world (SmolLM2-135M-Instruct, Q4-derived, + a vision side trained here)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with engine_output_to(None if args.verbose else args.out / "serving.log") as terminal:
+        return _benchmark(args, preset, models, terminal)
+
+
+def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, terminal) -> int:
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    most_prompts = max(max(preset.min_prompts, 2 * c) for c in preset.concurrencies)
+    requests, _ = write_requests("heldout_questions", most_prompts, args.out / "requests")
+    _, calibration_prompts = write_requests("heldout_images", preset.calibration_prompts, args.out / "calibration")
+    print(f"[serving] {models.label}; {most_prompts} held-out requests (unseen images, unseen wording) in {requests}",
+          file=terminal)
+    k = args.num_speculative_tokens
+    drafts = {"blind EAGLE": models.eagle, "ViSpec": models.vispec}
+    specs: dict[str, dict | None] = {ARMS[0]: None}
+    for arm, draft in drafts.items():
+        if args.fixed_k:
+            specs[arm] = {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
+        else:
+            out = args.out / f"calibration-{arm.replace(' ', '_')}.json"
+            specs[arm] = calibrate(models.target, draft, calibration_prompts, preset, k, out, arm == "ViSpec",
+                                   terminal)
+    servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, args.verbose, terminal)
+    points: list[Point] = []
+    runs = args.out / "runs"
+    try:
+        with open(args.out / "bench_serve.log", "w") as log:
+            for arm, server in servers.items():  # warm-up: first-use costs of every kernel and image size
+                run_bench_serve(bench_serve_args(server.base_url, models.target, requests, 2, 2, 8, runs,
+                                                 f"warmup-{arm.replace(' ', '_')}.json"), log)
+            total = preset.repeats * len(preset.concurrencies) * len(ARMS)
+            with tqdm(total=total, desc="[serving] points", file=terminal, dynamic_ncols=True) as bar:
+                for repeat in range(preset.repeats):
+                    for c_index, concurrency in enumerate(preset.concurrencies):
+                        shift = repeat + c_index
+                        order = ARMS[shift % 3:] + ARMS[:shift % 3]
+                        prompts = max(preset.min_prompts, 2 * concurrency)
+                        texts = {}
+                        for arm in order:
+                            bar.set_postfix_str(f"repeat {repeat + 1}, concurrency {concurrency}, {arm}")
+                            name = f"r{repeat}-c{concurrency}-{arm.replace(' ', '_')}.json"
+                            result = run_bench_serve(bench_serve_args(
+                                servers[arm].base_url, models.target, requests, concurrency, prompts,
+                                preset.max_tokens, runs, name), log)
+                            points.append(point_from(arm, concurrency, repeat, result))
+                            texts[arm] = result["generated_texts"]
+                            bar.update()
+                        for point in points[-len(ARMS):]:
+                            if point.arm != ARMS[0]:
+                                point.identical_to_target = sum(
+                                    a == b for a, b in zip(texts[point.arm], texts[ARMS[0]], strict=True))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    rows = summarise(points)
+    date = datetime.date.today().isoformat()
+    title = (f"{models.label}; vllm serve (CPU, float32, {os.cpu_count()} cores) + vllm bench serve, "
+             f"{preset.repeats} repeats, K<={k} {'fixed' if args.fixed_k else 'calibrated'}, {date}")
+    print(f"\n{title}\n{format_table(rows)}", file=terminal)
+    (args.out / "serving.json").write_text(json.dumps({
+        "title": title, "models": {key: str(value) for key, value in asdict(models).items()},
+        "preset": asdict(preset), "speculative_configs": specs, "rows": rows,
+        "points": [asdict(p) for p in points], "seconds": round(time.monotonic() - started)}, indent=1))
+    plot(rows, title, args.out / "serving.png")
+    print(f"wrote {args.out / 'serving.json'}, {args.out / 'serving.png'} "
+          f"({(time.monotonic() - started) / 60:.1f} min)", file=terminal)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
