@@ -1,7 +1,7 @@
 """Serving benchmark: a real `vllm serve` with the target alone, the vision-blind EAGLE draft and the ViSpec draft,
 driven by vLLM's own serving client (`vllm bench serve`) with image requests, at several concurrencies.
 
-    .venv/bin/python benchmarks/serving.py                      # the small world: concurrency 1,4,16,32 (~40 min)
+    .venv/bin/python benchmarks/serving.py                      # the small world: concurrency 1,4,16,32 (~25 min)
     .venv/bin/python benchmarks/serving.py --preset tiny --target T --vispec V --eagle E        # CI-sized
 
 1. Requests: scenes of the world's held-out-wording split (unseen images and unseen question phrasings), written
@@ -103,25 +103,24 @@ def write_requests(split: str, count: int, directory: Path) -> tuple[Path, Path]
 # ------------------------------------------------------------------------------------------------ schedules
 
 
-def calibrate(target: Path, draft: Path, prompts: Path, preset: Preset, k: int, out: Path, profile: bool,
-              terminal) -> dict:
-    """The draft's speculative config with its calibrated schedule (`python -m vispec_vllm.calibrate`, in its own
-    process, with the servers' engine settings); prints its report."""
+def calibrate(target: Path, draft: Path, prompts: Path, *, batch_sizes: tuple[int, ...], steps: int,
+              max_tokens: int, k: int, out: Path, profile: bool, terminal) -> dict:
+    """`python -m vispec_vllm.calibrate` in its own process, with the servers' engine settings (its report on
+    `terminal`); returns what it wrote to `out` (the speculative config with the schedule, the measurements)."""
     import subprocess
 
-    max_seqs = max(preset.concurrencies)
     command = [sys.executable, "-m", "vispec_vllm.calibrate", "--target", str(target), "--draft", str(draft),
-               "--num-speculative-tokens", str(k), "--batch-sizes", ",".join(map(str, preset.concurrencies)),
-               "--max-num-seqs", str(max_seqs), "--prompts", str(prompts), "--steps", str(preset.calibration_steps),
-               "--max-tokens", str(preset.max_tokens), "--dtype", "float32", "--enforce-eager",
+               "--num-speculative-tokens", str(k), "--batch-sizes", ",".join(map(str, batch_sizes)),
+               "--max-num-seqs", str(max(batch_sizes)), "--prompts", str(prompts), "--steps", str(steps),
+               "--max-tokens", str(max_tokens), "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(MAX_MODEL_LEN), "--engine-args", json.dumps({"enable_prefix_caching": False}),
                "--out", str(out)] + (["--profile"] if profile else [])
-    print(f"[serving] calibrating the {draft.name} draft: python {' '.join(command[1:])}", file=terminal)
+    print(f"[calibrate] the {draft.name} draft: python {' '.join(command[1:])}", file=terminal)
     terminal.flush()
     done = subprocess.run(command, stdout=terminal)  # its report on the terminal, its engine's output in its log
     if done.returncode != 0:
         raise SystemExit(f"calibration of {draft} failed (exit {done.returncode}); see {out.with_suffix('.log')}")
-    return json.loads(out.read_text())["speculative_config"]
+    return json.loads(out.read_text())
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -263,7 +262,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             axis.errorbar(concurrencies, medians, yerr=errors, marker="o", capsize=3, color=f"C{index}", label=arm)
             if key == "speedup":
                 for c, m in zip(concurrencies, medians, strict=True):
-                    axis.annotate(f"{m:.2f}x", (c, m), textcoords="offset points", xytext=(4, 6), fontsize=8)
+                    axis.annotate(f"{m:.2f}x", (c, m), textcoords="offset points", fontsize=8, color=f"C{index}",
+                                  xytext=(5, 6) if arm == "ViSpec" else (5, -12))
     left.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     left.set_ylabel("output tokens/s over the target alone")
     left.set_title("speedup, median [min-max] over repeats")
@@ -341,8 +341,9 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
             specs[arm] = {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
         else:
             out = args.out / f"calibration-{arm.replace(' ', '_')}.json"
-            specs[arm] = calibrate(models.target, draft, calibration_prompts, preset, k, out, arm == "ViSpec",
-                                   terminal)
+            specs[arm] = calibrate(models.target, draft, calibration_prompts, batch_sizes=preset.concurrencies,
+                                   steps=preset.calibration_steps, max_tokens=preset.max_tokens, k=k, out=out,
+                                   profile=arm == "ViSpec", terminal=terminal)["speculative_config"]
     servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, args.verbose, terminal)
     points: list[Point] = []
     runs = args.out / "runs"
