@@ -1,6 +1,6 @@
 """Draft step cost c: a reduced-vocabulary draft against the same draft with the full target vocabulary.
 
-    .venv/bin/python benchmarks/draft_cost.py                            # the small world's ViSpec draft (~10 min)
+    .venv/bin/python benchmarks/draft_cost.py                            # the small world's ViSpec draft (~15 min)
     .venv/bin/python benchmarks/draft_cost.py --target T --draft D       # any reduced-vocabulary draft
 
 The full-vocabulary variant is the same draft without its `d2t` map: its head is then the target's whole lm_head,
