@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("target alone", "blind EAGLE", "ViSpec")
 STARTUP_LIMIT_S = 600
+MAX_MODEL_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,6 @@ def calibrate(target: Path, draft: Path, prompts: Path, *, batch_sizes: tuple[in
 
 
 # ------------------------------------------------------------------------------------------------ servers
-
-MAX_MODEL_LEN = 1024
 
 
 def serve_args(max_num_seqs: int, spec: dict | None) -> list[str]:
@@ -320,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         models = Models(world.target, world.eagle_draft, world.vispec_draft,
                         "small world (SmolLM2-135M-Instruct, Q4-derived, + a vision side trained here)")
     args.out.mkdir(parents=True, exist_ok=True)
+    from vispec_vllm.server_process import ServerError
+
     with engine_output_to(None if args.verbose else args.out / "serving.log") as terminal:
-        return _benchmark(args, preset, models, terminal)
+        try:
+            return _benchmark(args, preset, models, terminal)
+        except ServerError as error:
+            print(f"error: a vllm serve process did not start: {error}", file=terminal)
+            return 1
 
 
 def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, terminal) -> int:
