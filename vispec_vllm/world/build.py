@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from vispec_vllm.world.engines import MAX_MODEL_LEN
+from vispec_vllm.world.engines import KV_CACHE_BYTES, MAX_MODEL_LEN
 from vispec_vllm.world.lm import sha256_file
 from vispec_vllm.world.presets import WorldPreset
 
@@ -197,7 +197,8 @@ def _data_spec(paths: WorldPaths, preset: WorldPreset, records: Path):
 
 
 def engine_options(max_num_seqs: int = 64) -> dict:
-    return {"enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": max_num_seqs}
+    return {"enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": max_num_seqs,
+            "kv_cache_memory_bytes": KV_CACHE_BYTES}
 
 
 def grounding_answers(llm, records: list[dict], image_folder: Path, max_new_tokens: int) -> list[str]:

@@ -10,6 +10,10 @@ from pathlib import Path
 from vispec_vllm.engine.metrics import SpecDecodeCounters
 
 MAX_MODEL_LEN = 1024
+# The world's engines get a fixed KV cache. Without one, vLLM-CPU reserves 92% of the machine's memory and refuses
+# to start when less than that is free, which is most of the time on a 24 GiB machine.
+# VLLM_CPU_KVCACHE_SPACE, when set, still overrides this.
+KV_CACHE_BYTES = 1 << 30
 
 
 def start_engine(target: Path, draft: Path | None, *, num_speculative_tokens: int = 3, max_num_seqs: int = 16,
@@ -20,7 +24,7 @@ def start_engine(target: Path, draft: Path | None, *, num_speculative_tokens: in
                                        "num_speculative_tokens": num_speculative_tokens}
     return LLM(model=str(target), dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1}, speculative_config=spec,
-               disable_log_stats=False, seed=0)
+               kv_cache_memory_bytes=KV_CACHE_BYTES, disable_log_stats=False, seed=0)
 
 
 def shutdown(llm) -> None:
