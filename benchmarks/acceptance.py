@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     from vispec_vllm.console import quiet_vllm
 
     quiet_vllm(args.verbose)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vispec_vllm.console import engine_output_to
     from vispec_vllm.world.build import DEFAULT_ROOT, build_world

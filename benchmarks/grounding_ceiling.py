@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     from vispec_vllm.console import engine_output_to, quiet_vllm
 
     quiet_vllm(args.verbose)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vispec_vllm.world.build import DEFAULT_ROOT, build_world
     from vispec_vllm.world.presets import PRESETS
 

@@ -134,13 +134,11 @@ def serve_args(max_num_seqs: int, spec: dict | None) -> list[str]:
     return args if spec is None else args + ["--speculative-config", json.dumps(spec)]
 
 
-def start_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int, out: Path, verbose: bool,
-                  terminal) -> dict:
+def start_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int, out: Path, terminal) -> dict:
     from vispec_vllm.server_process import launch_server
 
+    # the servers inherit this environment, VLLM_LOGGING_LEVEL included (quiet unless --verbose)
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    if not verbose:
-        env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
     servers = {}
     for arm, spec in specs.items():
         args = serve_args(max_num_seqs, spec)
@@ -349,7 +347,7 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
             specs[arm] = calibrate(models.target, draft, calibration_prompts, batch_sizes=preset.concurrencies,
                                    steps=preset.calibration_steps, max_tokens=preset.max_tokens, k=k, out=out,
                                    profile=arm == "ViSpec", terminal=terminal)["speculative_config"]
-    servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, args.verbose, terminal)
+    servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, terminal)
     points: list[Point] = []
     runs = args.out / "runs"
     try:

@@ -11,7 +11,6 @@ the outputs are identical, the mean acceptance length and the batch-1 speedup me
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import textwrap
 from pathlib import Path
@@ -36,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs")
     args = parser.parse_args(argv)
     quiet_vllm(args.verbose)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vispec_vllm.world.build import DEFAULT_ROOT, build_world
     from vispec_vllm.world.presets import PRESETS
