@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vispec", type=Path, help="with --target: the ViSpec draft")
     parser.add_argument("--eagle", type=Path, help="with --target: the vision-blind (stage-1) EAGLE draft")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+                        help="vLLM's draft_sample_method (matters at T > 0 only)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     from vispec_vllm.console import quiet_vllm
@@ -158,7 +160,8 @@ def _benchmark(args: argparse.Namespace, models: Models, out) -> int:
     # depend on timing, so the arms need not alternate here.
     for arm in drafts:
         llm = start_engine(models.target, drafts[arm], num_speculative_tokens=args.num_speculative_tokens,
-                           max_num_seqs=args.samples, dtype=args.dtype)
+                           max_num_seqs=args.samples, dtype=args.dtype,
+                           draft_sample_method=args.draft_sample_method)
         try:
             for repeat in range(args.repeats):
                 for temperature in args.temperatures:

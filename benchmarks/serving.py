@@ -9,13 +9,16 @@ driven by vLLM's own serving client (`vllm bench serve`) with image requests, at
 2. Schedules: each draft gets its own load-adaptive schedule from `python -m vispec_vllm.calibrate`, measured on
    other prompts (the held-out-images split), with --profile for the ViSpec draft: where a decode step's time
    goes at every calibrated batch size (1 and 16 included). `--fixed-k` skips this and drafts K at every load.
-3. Three `vllm serve` processes, started once (float32, greedy, prefix caching off so every repeat is a cold
+3. Three `vllm serve` processes, started once (float32, prefix caching off so every repeat is a cold
    request). For each repeat and each concurrency, the three arms run in turn, in an order rotated from point to
    point, each with `vllm bench serve --backend openai-chat --dataset-name custom_image --max-concurrency C`
    (vLLM's benchmark module, in this process, with the same arguments; the exact command is in the log).
 4. Per point: output tokens/s, TTFT, TPOT, and AL (vLLM's mean acceptance length, bonus token included, from the
    server's counters, as `vllm bench serve` reports it). Speedup = the arm's output tokens/s / the target's in the
    same repeat; median [min-max] over repeats. Greedy float32 answers are compared with the target's.
+   `--temperature T --draft-sample-method probabilistic` benchmarks sampling instead (calibrated at T too); sampled
+   answers differ between arms by design, so none are compared (tests/test_sampling_cpu.py checks that sampling
+   with drafts keeps the target's distribution).
 Writes serving.json, serving.png and each run's `vllm bench serve` result JSON under --out.
 """
 
@@ -72,6 +75,27 @@ class Point:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    temperature: float  # every request's
+    draft_sample_method: str  # vLLM's speculative-config option, for both drafts
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def fixed_k_config(self, draft: Path, k: int) -> dict:
+        config = {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
+        if self.draft_sample_method != "greedy":
+            config["draft_sample_method"] = self.draft_sample_method
+        return config
+
+    def label(self) -> str:
+        if self.greedy:
+            return "greedy"
+        return f"T={self.temperature:g}, {self.draft_sample_method} drafts"
+
+
+@dataclass(frozen=True)
 class Models:
     target: Path
     eagle: Path
@@ -105,7 +129,7 @@ def write_requests(split: str, count: int, directory: Path) -> tuple[Path, Path]
 
 
 def calibrate(target: Path, draft: Path, prompts: Path, *, batch_sizes: tuple[int, ...], steps: int,
-              max_tokens: int, k: int, out: Path, profile: bool, terminal) -> dict:
+              max_tokens: int, k: int, sampling: Sampling, out: Path, profile: bool, terminal) -> dict:
     """`python -m vispec_vllm.calibrate` in its own process, with the servers' engine settings (its report on
     `terminal`); returns what it wrote to `out` (the speculative config with the schedule, the measurements)."""
     import subprocess
@@ -113,7 +137,8 @@ def calibrate(target: Path, draft: Path, prompts: Path, *, batch_sizes: tuple[in
     command = [sys.executable, "-m", "vispec_vllm.calibrate", "--target", str(target), "--draft", str(draft),
                "--num-speculative-tokens", str(k), "--batch-sizes", ",".join(map(str, batch_sizes)),
                "--max-num-seqs", str(max(batch_sizes)), "--prompts", str(prompts), "--steps", str(steps),
-               "--max-tokens", str(max_tokens), "--dtype", "float32", "--enforce-eager",
+               "--max-tokens", str(max_tokens), "--temperature", str(sampling.temperature),
+               "--draft-sample-method", sampling.draft_sample_method, "--dtype", "float32", "--enforce-eager",
                "--max-model-len", str(MAX_MODEL_LEN), "--engine-args", json.dumps({"enable_prefix_caching": False}),
                "--out", str(out)] + (["--profile"] if profile else [])
     print(f"[calibrate] the {draft.name} draft: python {' '.join(command[1:])}", file=terminal)
@@ -159,12 +184,12 @@ def start_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int
 
 
 def bench_serve_args(base_url: str, target: Path, requests: Path, concurrency: int, prompts: int, max_tokens: int,
-                     result_dir: Path, result_name: str) -> list[str]:
+                     result_dir: Path, result_name: str, temperature: float = 0.0) -> list[str]:
     """The `vllm bench serve` arguments of one point."""
     return ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
             "--model", str(target), "--dataset-name", "custom_image", "--dataset-path", str(requests),
             "--disable-shuffle", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            "--custom-output-len", str(max_tokens), "--temperature", "0", "--seed", "0",
+            "--custom-output-len", str(max_tokens), "--temperature", f"{temperature:g}", "--seed", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm", "--save-result", "--save-detailed",
             "--result-dir", str(result_dir), "--result-filename", result_name]
 
@@ -221,7 +246,8 @@ def summarise(points: list[Point]) -> list[dict]:
                 "output_tokens_per_s": [p.output_tokens_per_s for p in group],
                 "speedup": ratios, "ttft_ms": [p.median_ttft_ms for p in group],
                 "tpot_ms": [p.median_tpot_ms for p in group], "acceptance_length": als,
-                "identical": sum(p.identical_to_target or 0 for p in group) if arm != ARMS[0] else None,
+                "identical": None if any(p.identical_to_target is None for p in group)  # the target, or T > 0
+                else sum(p.identical_to_target for p in group),
                 "answers": sum(p.prompts for p in group),
             })
     return rows
@@ -290,6 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="override the preset's repeats (at least 3 for reported figures)")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="largest K (default 3)")
     parser.add_argument("--fixed-k", action="store_true", help="no calibration: both drafts draft K at every load")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every request's temperature (default 0: greedy, answers compared with the target's)")
+    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+                        help="vLLM's draft_sample_method for both drafts (matters at T > 0)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
     parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs in the server logs")
     args = parser.parse_args(argv)
@@ -337,15 +367,17 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
     print(f"[serving] {models.label}; {most_prompts} held-out requests (unseen images, unseen wording) in {requests}",
           file=terminal)
     k = args.num_speculative_tokens
+    sampling = Sampling(args.temperature, args.draft_sample_method)
     drafts = {"blind EAGLE": models.eagle, "ViSpec": models.vispec}
     specs: dict[str, dict | None] = {ARMS[0]: None}
     for arm, draft in drafts.items():
         if args.fixed_k:
-            specs[arm] = {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
+            specs[arm] = sampling.fixed_k_config(draft, k)
         else:
             out = args.out / f"calibration-{arm.replace(' ', '_')}.json"
             specs[arm] = calibrate(models.target, draft, calibration_prompts, batch_sizes=preset.concurrencies,
-                                   steps=preset.calibration_steps, max_tokens=preset.max_tokens, k=k, out=out,
+                                   steps=preset.calibration_steps, max_tokens=preset.max_tokens, k=k,
+                                   sampling=sampling, out=out,
                                    profile=arm == "ViSpec", terminal=terminal)["speculative_config"]
     servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, terminal)
     points: list[Point] = []
@@ -368,12 +400,12 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
                             name = f"r{repeat}-c{concurrency}-{arm.replace(' ', '_')}.json"
                             result = run_bench_serve(bench_serve_args(
                                 servers[arm].base_url, models.target, requests, concurrency, prompts,
-                                preset.max_tokens, runs, name), log)
+                                preset.max_tokens, runs, name, args.temperature), log)
                             points.append(point_from(arm, concurrency, repeat, result))
                             texts[arm] = result["generated_texts"]
                             bar.update()
                         for point in points[-len(ARMS):]:
-                            if point.arm != ARMS[0]:
+                            if point.arm != ARMS[0] and sampling.greedy:  # sampled answers differ by design
                                 point.identical_to_target = sum(
                                     a == b for a, b in zip(texts[point.arm], texts[ARMS[0]], strict=True))
     finally:
@@ -383,11 +415,12 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
     rows = summarise(points)
     date = datetime.date.today().isoformat()
     title = (f"{models.label}; vllm serve (CPU, float32, {os.cpu_count()} cores) + vllm bench serve, "
-             f"{preset.repeats} repeats, K<={k} {'fixed' if args.fixed_k else 'calibrated'}, {date}")
+             f"{preset.repeats} repeats, K<={k} {'fixed' if args.fixed_k else 'calibrated'}, {sampling.label()}, "
+             f"{date}")
     print(f"\n{title}\n{format_table(rows)}", file=terminal)
     (args.out / "serving.json").write_text(json.dumps({
         "title": title, "models": {key: str(value) for key, value in asdict(models).items()},
-        "preset": asdict(preset), "speculative_configs": specs, "rows": rows,
+        "preset": asdict(preset), "sampling": asdict(sampling), "speculative_configs": specs, "rows": rows,
         "points": [asdict(p) for p in points], "seconds": round(time.monotonic() - started)}, indent=1))
     plot(rows, title, args.out / "serving.png")
     print(f"wrote {args.out / 'serving.json'}, {args.out / 'serving.png'} "

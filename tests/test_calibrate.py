@@ -266,3 +266,23 @@ def test_profile_parts_add_up_to_no_more_than_the_step(calibrated):
         # K drafts a row: the first pass and K-1 chain steps, and K draft lm_heads
         assert profile["draft_forwards_per_step"] == NUM_SPECULATIVE_TOKENS
         assert profile["draft_lm_heads_per_step"] == NUM_SPECULATIVE_TOKENS
+
+
+def test_draft_sample_method_is_written_into_the_speculative_config_only_when_not_vllms_default(tmp_path):
+    from pathlib import Path
+
+    from vispec_vllm.calibrate.__main__ import parse_args
+    from vispec_vllm.calibrate.measure import EngineSettings
+
+    base = EngineSettings(Path("/t"), Path("/d"), num_speculative_tokens=3, max_batch_size=8, images_per_prompt=1)
+    schedule = [[1, 4, 3], [5, 8, 1]]
+    assert "draft_sample_method" not in base.speculative_config(schedule)
+    sampled = EngineSettings(Path("/t"), Path("/d"), 3, 8, 1, draft_sample_method="probabilistic")
+    assert sampled.speculative_config(schedule) == {
+        "method": "eagle", "model": "/d", "num_speculative_tokens": 3,
+        "num_speculative_tokens_per_batch_size": schedule, "draft_sample_method": "probabilistic"}
+    assert parse_args(["--target", str(tmp_path), "--draft", str(tmp_path)]).draft_sample_method == "greedy"
+    args = parse_args(["--target", str(tmp_path), "--draft", str(tmp_path), "--draft-sample-method", "probabilistic"])
+    assert args.draft_sample_method == "probabilistic"
+    with pytest.raises(SystemExit):
+        parse_args(["--target", str(tmp_path), "--draft", str(tmp_path), "--draft-sample-method", "random"])

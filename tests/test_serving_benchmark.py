@@ -22,6 +22,35 @@ CONCURRENCIES = (1, 2)
 REPEATS = 2
 
 
+def _serving_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampled_runs_pass_temperature_and_draft_sampling_and_compare_no_answers():
+    serving = _serving_module()
+    sampled = serving.Sampling(1.0, "probabilistic")
+    assert sampled.fixed_k_config(Path("/d"), 2) == {"method": "eagle", "model": "/d", "num_speculative_tokens": 2,
+                                                    "draft_sample_method": "probabilistic"}
+    assert "draft_sample_method" not in serving.Sampling(0.0, "greedy").fixed_k_config(Path("/d"), 2)
+    args = serving.bench_serve_args("http://h", Path("/t"), Path("/r"), 4, 8, 16, Path("/o"), "n.json", 1.0)
+    assert args[args.index("--temperature") + 1] == "1"
+    assert serving.bench_serve_args("http://h", Path("/t"), Path("/r"), 4, 8, 16, Path("/o"), "n.json")[
+        args.index("--temperature") + 1] == "0"
+    points = [serving.Point(arm, 1, 0, 8, tok_s, 1.0, 1.0, None if arm == ARMS[0] else 1.5, 100)
+              for arm, tok_s in zip(ARMS, (10.0, 12.0, 13.0), strict=True)]
+    rows = serving.summarise(points)  # T > 0: identical_to_target stays None
+    assert [r["identical"] for r in rows] == [None, None, None]
+    assert [r["speedup"] for r in rows] == [[1.0], [1.2], [1.3]]
+    points[1].identical_to_target, points[2].identical_to_target = 8, 7  # greedy
+    assert [r["identical"] for r in serving.summarise(points)] == [None, 8, 7]
+
+
 def test_serving_benchmark_tiny_preset_end_to_end(tiny_target, trained_draft, tmp_path):
     blind_draft = trained_draft.parents[1] / "stage1" / "draft"  # the same run's text-only stage-1 EAGLE draft
     out = tmp_path / "serving"

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "{\"messages\": [...]} (default: 4 synthetic-image and 4 text questions)")
     parser.add_argument("--max-tokens", type=_positive, default=128, help="answer length for acceptance (128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature to calibrate for (0)")
+    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+                        help="vLLM's draft_sample_method, written into the schedule's speculative config; at T > 0 "
+                             "'probabilistic' (drafts sampled from the draft's distribution) usually accepts more")
     parser.add_argument("--steps", type=_positive, default=32, help="timed decode steps per batch size and K (32)")
     parser.add_argument("--profile", action="store_true", help="also time the parts of a decode step at the largest K")
     engine = parser.add_argument_group("vLLM engine")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # absolute paths: the printed --speculative-config works from any directory
     settings = EngineSettings(args.target.resolve(), args.draft.resolve(), args.num_speculative_tokens,
                               max(args.batch_sizes), max(images_in(c) for c in conversations), args.dtype,
-                              args.max_model_len, args.enforce_eager, args.engine_args)
+                              args.max_model_len, args.enforce_eager, args.engine_args, args.draft_sample_method)
     options = RunOptions(args.batch_sizes, args.max_num_seqs or max(args.batch_sizes), args.steps, args.max_tokens,
                          args.temperature, args.profile)
     log_path = None if args.verbose else args.out.with_suffix(".log")

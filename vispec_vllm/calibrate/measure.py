@@ -44,6 +44,15 @@ class EngineSettings:
     max_model_len: int | None = None
     enforce_eager: bool = False
     extra: dict[str, Any] | None = None  # more vllm.LLM keyword arguments
+    draft_sample_method: str = "greedy"  # vLLM's speculative-config option; "probabilistic" pays off at T > 0
+
+    def speculative_config(self, schedule: list[list[int]]) -> dict:
+        """The speculative config with a `num_speculative_tokens_per_batch_size` schedule."""
+        config = {"method": "eagle", "model": str(self.draft), "num_speculative_tokens": self.num_speculative_tokens,
+                  "num_speculative_tokens_per_batch_size": schedule}
+        if self.draft_sample_method != "greedy":  # vLLM's default stays implicit
+            config["draft_sample_method"] = self.draft_sample_method
+        return config
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,7 @@ class BatchMeasurement:
 def start_engine(settings: EngineSettings):
     from vllm import LLM
 
-    k = settings.num_speculative_tokens
-    spec = {"method": "eagle", "model": str(settings.draft), "num_speculative_tokens": k,
-            "num_speculative_tokens_per_batch_size": [(1, settings.max_batch_size, k)]}
+    spec = settings.speculative_config([[1, settings.max_batch_size, settings.num_speculative_tokens]])
     options: dict[str, Any] = dict(model=str(settings.target), dtype=settings.dtype, seed=0,
                                    max_num_seqs=settings.max_batch_size, speculative_config=spec,
                                    limit_mm_per_prompt={"image": max(1, settings.images_per_prompt)},

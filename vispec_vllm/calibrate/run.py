@@ -45,9 +45,7 @@ class Calibration:
     @property
     def speculative_config(self) -> dict:
         """What `--speculative-config` (or `LLM(speculative_config=...)`) takes."""
-        return {"method": "eagle", "model": str(self.settings.draft),
-                "num_speculative_tokens": self.settings.num_speculative_tokens,
-                "num_speculative_tokens_per_batch_size": [list(entry) for entry in self.plan.schedule]}
+        return self.settings.speculative_config([list(entry) for entry in self.plan.schedule])
 
 
 def calibrate(settings: EngineSettings, options: RunOptions, conversations: Sequence[Conversation],
