@@ -7,7 +7,8 @@ driven by vLLM's own serving client (`vllm bench serve`) with image requests, at
 1. Requests: scenes of the world's held-out-wording split (unseen images and unseen question phrasings), written
    as a `custom_image` JSONL (prompt + PNG data URL), vLLM's own dataset format for image benchmarks.
 2. Schedules: each draft gets its own load-adaptive schedule from `python -m vispec_vllm.calibrate`, measured on
-   other prompts (the held-out-images split), with --profile for the ViSpec draft: where a decode step's time
+   other prompts of the same split (the samples after the benchmark's requests: traffic like the benchmark's,
+   never its requests), with --profile for the ViSpec draft: where a decode step's time
    goes at every calibrated batch size (1 and 16 included). `--fixed-k` skips this and drafts K at every load.
 3. Three `vllm serve` processes, started once (float32, prefix caching off so every repeat is a cold
    request). For each repeat and each concurrency, the three arms run in turn, in an order rotated from point to
@@ -39,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("target alone", "blind EAGLE", "ViSpec")
 STARTUP_LIMIT_S = 600
+REQUESTS_SPLIT = "heldout_questions"  # unseen images with unseen question wording
 MAX_MODEL_LEN = 1024
 
 
@@ -106,16 +108,16 @@ class Models:
 # ------------------------------------------------------------------------------------------------ requests
 
 
-def write_requests(split: str, count: int, directory: Path) -> tuple[Path, Path]:
-    """`count` samples of `split`: a `vllm bench serve` custom_image JSONL (PNG data URLs) and a calibration
-    prompts file (PNG files beside it)."""
+def write_requests(split: str, count: int, directory: Path, first: int = 0) -> tuple[Path, Path]:
+    """Samples first..first+count-1 of `split`: a `vllm bench serve` custom_image JSONL (PNG data URLs) and a
+    calibration prompts file (PNG files beside it)."""
     from vispec_vllm.media import image_data_url
     from vispec_vllm.world.scenes import make_scene, render
     from vispec_vllm.world.splits import split_samples
 
     directory.mkdir(parents=True, exist_ok=True)
     lines, prompts = [], []
-    for index, sample in enumerate(split_samples(split, count)):
+    for index, sample in enumerate(split_samples(split, first + count)[first:]):
         image = render(make_scene(sample.scene_seed))
         image.save(directory / f"{index:03d}.png")
         lines.append(json.dumps({"prompt": sample.question, "image_files": [image_data_url(image)]}))
@@ -362,8 +364,10 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
 
     started = time.monotonic()
     most_prompts = max(max(preset.min_prompts, 2 * c) for c in preset.concurrencies)
-    requests, _ = write_requests("heldout_questions", most_prompts, args.out / "requests")
-    _, calibration_prompts = write_requests("heldout_images", preset.calibration_prompts, args.out / "calibration")
+    requests, _ = write_requests(REQUESTS_SPLIT, most_prompts, args.out / "requests")
+    # calibrated on traffic like the benchmark's (the same split: held-out wording) but never on its requests
+    _, calibration_prompts = write_requests(REQUESTS_SPLIT, preset.calibration_prompts, args.out / "calibration",
+                                            first=most_prompts)
     print(f"[serving] {models.label}; {most_prompts} held-out requests (unseen images, unseen wording) in {requests}",
           file=terminal)
     k = args.num_speculative_tokens

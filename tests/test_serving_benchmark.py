@@ -51,6 +51,19 @@ def test_sampled_runs_pass_temperature_and_draft_sampling_and_compare_no_answers
     assert [r["identical"] for r in serving.summarise(points)] == [None, 8, 7]
 
 
+def test_calibration_prompts_follow_the_requests_in_the_same_split(tmp_path):
+    from vispec_vllm.world.splits import split_samples
+
+    serving = _serving_module()
+    requests, _ = serving.write_requests(serving.REQUESTS_SPLIT, 3, tmp_path / "requests")
+    _, prompts = serving.write_requests(serving.REQUESTS_SPLIT, 2, tmp_path / "calibration", first=3)
+    samples = split_samples(serving.REQUESTS_SPLIT, 5)
+    assert [json.loads(line)["prompt"] for line in requests.read_text().splitlines()] == [
+        s.question for s in samples[:3]]
+    assert [p["text"] for p in json.loads(prompts.read_text())] == [s.question for s in samples[3:]]
+    assert not {s.scene_seed for s in samples[:3]} & {s.scene_seed for s in samples[3:]}  # other images
+
+
 def test_serving_benchmark_tiny_preset_end_to_end(tiny_target, trained_draft, tmp_path):
     blind_draft = trained_draft.parents[1] / "stage1" / "draft"  # the same run's text-only stage-1 EAGLE draft
     out = tmp_path / "serving"
