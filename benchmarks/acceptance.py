@@ -20,6 +20,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vispec_vllm.speculative_config import DRAFT_SAMPLE_METHODS
+
 ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("heldout_images", "heldout_questions")
 ARMS = ("blind EAGLE", "ViSpec")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vispec", type=Path, help="with --target: the ViSpec draft")
     parser.add_argument("--eagle", type=Path, help="with --target: the vision-blind (stage-1) EAGLE draft")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+    parser.add_argument("--draft-sample-method", choices=DRAFT_SAMPLE_METHODS, default="greedy",
                         help="vLLM's draft_sample_method (matters at T > 0 only)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

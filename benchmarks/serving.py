@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vispec_vllm.speculative_config import DRAFT_SAMPLE_METHODS, eagle_config
+
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("target alone", "blind EAGLE", "ViSpec")
 STARTUP_LIMIT_S = 600
@@ -86,10 +88,7 @@ class Sampling:
         return self.temperature == 0
 
     def fixed_k_config(self, draft: Path, k: int) -> dict:
-        config = {"method": "eagle", "model": str(draft), "num_speculative_tokens": k}
-        if self.draft_sample_method != "greedy":
-            config["draft_sample_method"] = self.draft_sample_method
-        return config
+        return eagle_config(draft, k, draft_sample_method=self.draft_sample_method)
 
     def label(self) -> str:
         if self.greedy:
@@ -320,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixed-k", action="store_true", help="no calibration: both drafts draft K at every load")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="every request's temperature (default 0: greedy, answers compared with the target's)")
-    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+    parser.add_argument("--draft-sample-method", choices=DRAFT_SAMPLE_METHODS, default="greedy",
                         help="vLLM's draft_sample_method for both drafts (matters at T > 0)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
     parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs in the server logs")

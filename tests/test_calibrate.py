@@ -286,3 +286,7 @@ def test_draft_sample_method_is_written_into_the_speculative_config_only_when_no
     assert args.draft_sample_method == "probabilistic"
     with pytest.raises(SystemExit):
         parse_args(["--target", str(tmp_path), "--draft", str(tmp_path), "--draft-sample-method", "random"])
+    from vispec_vllm.speculative_config import eagle_config
+
+    with pytest.raises(ValueError, match="draft_sample_method 'random'"):
+        eagle_config(Path("/d"), 3, draft_sample_method="random")

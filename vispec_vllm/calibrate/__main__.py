@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from vispec_vllm.console import engine_output_to, quiet_vllm
+from vispec_vllm.speculative_config import DRAFT_SAMPLE_METHODS
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "{\"messages\": [...]} (default: 4 synthetic-image and 4 text questions)")
     parser.add_argument("--max-tokens", type=_positive, default=128, help="answer length for acceptance (128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature to calibrate for (0)")
-    parser.add_argument("--draft-sample-method", choices=("greedy", "probabilistic"), default="greedy",
+    parser.add_argument("--draft-sample-method", choices=DRAFT_SAMPLE_METHODS, default="greedy",
                         help="vLLM's draft_sample_method, written into the schedule's speculative config; at T > 0 "
                              "'probabilistic' (drafts sampled from the draft's distribution) usually accepts more")
     parser.add_argument("--steps", type=_positive, default=32, help="timed decode steps per batch size and K (32)")

@@ -23,6 +23,7 @@ from vispec_vllm.calibrate.probes import LiveParts, StepRecord, StepRecorder
 from vispec_vllm.calibrate.profile import PROFILE_PROBES, PROPOSE, StepProfile, step_profile
 from vispec_vllm.calibrate.prompts import Conversation
 from vispec_vllm.engine.metrics import SpecDecodeCounters
+from vispec_vllm.speculative_config import eagle_config
 
 # K cycles through its values in blocks of this many timed steps, so a burst of load from other processes, and the
 # growing context, fall on every K alike
@@ -44,15 +45,12 @@ class EngineSettings:
     max_model_len: int | None = None
     enforce_eager: bool = False
     extra: dict[str, Any] | None = None  # more vllm.LLM keyword arguments
-    draft_sample_method: str = "greedy"  # vLLM's speculative-config option; "probabilistic" pays off at T > 0
+    draft_sample_method: str = "greedy"  # vLLM's speculative-config option (see speculative_config.py)
 
-    def speculative_config(self, schedule: list[list[int]]) -> dict:
+    def speculative_config(self, schedule: Sequence[Sequence[int]]) -> dict:
         """The speculative config with a `num_speculative_tokens_per_batch_size` schedule."""
-        config = {"method": "eagle", "model": str(self.draft), "num_speculative_tokens": self.num_speculative_tokens,
-                  "num_speculative_tokens_per_batch_size": schedule}
-        if self.draft_sample_method != "greedy":  # vLLM's default stays implicit
-            config["draft_sample_method"] = self.draft_sample_method
-        return config
+        return eagle_config(self.draft, self.num_speculative_tokens, schedule=schedule,
+                            draft_sample_method=self.draft_sample_method)
 
 
 @dataclass(frozen=True)

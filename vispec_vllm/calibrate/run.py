@@ -45,7 +45,7 @@ class Calibration:
     @property
     def speculative_config(self) -> dict:
         """What `--speculative-config` (or `LLM(speculative_config=...)`) takes."""
-        return self.settings.speculative_config([list(entry) for entry in self.plan.schedule])
+        return self.settings.speculative_config(self.plan.schedule)
 
 
 def calibrate(settings: EngineSettings, options: RunOptions, conversations: Sequence[Conversation],

