@@ -1,6 +1,7 @@
 """Draft step cost c: a reduced-vocabulary draft against the same draft with the full target vocabulary.
 
     .venv/bin/python benchmarks/draft_cost.py                            # the small world's ViSpec draft (~15 min)
+    .venv/bin/python benchmarks/draft_cost.py --preset full              # the benchmark world's
     .venv/bin/python benchmarks/draft_cost.py --target T --draft D       # any reduced-vocabulary draft
 
 The full-vocabulary variant is the same draft without its `d2t` map: its head is then the target's whole lm_head,
@@ -49,7 +50,8 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the small world's")
+    parser.add_argument("--preset", default="small", help="the world whose target and ViSpec draft are measured")
+    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the world's")
     parser.add_argument("--draft", type=Path, help="with --target: a draft with a reduced vocabulary")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         from vispec_vllm.world.build import DEFAULT_ROOT, build_world
         from vispec_vllm.world.presets import PRESETS
 
-        world = build_world(PRESETS["small"], DEFAULT_ROOT, progress=True)
+        if args.preset not in PRESETS:
+            parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+        world = build_world(PRESETS[args.preset], DEFAULT_ROOT, progress=True)
         args.target, args.draft = world.target, world.vispec_draft
     args.out.mkdir(parents=True, exist_ok=True)
     drafts = {VARIANTS[0]: args.draft.resolve(),

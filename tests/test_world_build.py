@@ -1,10 +1,12 @@
 """The world builder end to end on the `tiny` preset: the real code path (GGUF conversion, vision side, target
 assembly, vLLM answers, teacher-forced data, stage 1, stage 2, blind EAGLE, manifest) at toy sizes, for both LM
 layouts the presets use: SmolLM2-like (llama, tied embeddings; `small`) and Qwen2.5-like (qwen2, untied head,
-vocabulary padded past the tokenizer, q/k/v biases; `full`)."""
+vocabulary padded past the tokenizer, q/k/v biases; `full`), the Qwen2.5-like one with answers generated in
+bfloat16 as `full` does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,12 +22,14 @@ from vispec_vllm.world.presets import PRESETS  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=[("llama", "float32"), ("qwen2", "bfloat16")], ids=["llama", "qwen2-bf16"])
 def tiny_world(request, tmp_path_factory):
+    architecture, answer_dtype = request.param
     root = tmp_path_factory.mktemp("worlds")
-    lm = write_tiny_gguf(root / "tiny-lm.gguf", request.param, context_length=2048)
+    lm = write_tiny_gguf(root / "tiny-lm.gguf", architecture, context_length=2048)
     log: list[str] = []
-    world = build_world(PRESETS["tiny"], root, lm_path=lm.gguf_path, progress=False, log=log.append)
+    preset = dataclasses.replace(PRESETS["tiny"], answer_dtype=answer_dtype)
+    world = build_world(preset, root, lm_path=lm.gguf_path, progress=False, log=log.append)
     return world, lm, log
 
 
@@ -42,6 +46,7 @@ def test_every_step_ran_and_the_manifest_hashes_every_artifact(tiny_world):
         key = str(path.relative_to(world.paths.root))
         assert len(hashes[key]) == 64
     assert manifest["grounding"]["heldout_images"]["samples"] == PRESETS["tiny"].eval_samples
+    assert manifest["grounding"]["heldout_images"]["dtype"] == manifest["preset"]["answer_dtype"]
     assert manifest["command"]
 
 
@@ -68,7 +73,7 @@ def test_the_target_reads_the_image_and_a_second_build_is_all_cached(tiny_world,
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["text_config"]["hidden_size"] == lm.reference.config.hidden_size
     log: list[str] = []
-    again = build_world(PRESETS["tiny"], world.paths.root.parent, lm_path=lm.gguf_path, progress=False,
+    again = build_world(world.preset, world.paths.root.parent, lm_path=lm.gguf_path, progress=False,
                         log=log.append)
     cached = [line for line in log if line.endswith("cached")]
     assert len(cached) == 6, log  # every step but the LM check

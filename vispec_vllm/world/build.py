@@ -224,7 +224,7 @@ def _generate_data(paths: WorldPaths, preset: WorldPreset, progress: bool) -> No
 
     train_records = write_split_records("train", preset.train_samples, paths.sources, preset.seed)
     spec = _data_spec(paths, preset, train_records)
-    with vllm_target(spec, **engine_options()) as llm:
+    with vllm_target(spec, **engine_options(), dtype=preset.answer_dtype) as llm:
         run_generate(spec, paths.data, llm=llm, progress=progress)
         report = {}
         for split in ("heldout_images", "heldout_questions"):
@@ -233,7 +233,8 @@ def _generate_data(paths: WorldPaths, preset: WorldPreset, progress: bool) -> No
             answers = grounding_answers(llm, records, paths.sources / "images", preset.max_new_tokens)
             scenes = [make_scene(r["scene_seed"]) for r in records]
             correct, stated, per_kind = grade_many(list(zip(answers, scenes, strict=True)))
-            report[split] = {"samples": len(records), "facts_correct": correct, "facts_stated": stated,
+            report[split] = {"samples": len(records), "dtype": preset.answer_dtype, "facts_correct": correct,
+                             "facts_stated": stated,
                              "accuracy": correct / stated if stated else None, "per_kind": per_kind,
                              "examples": [{"question": r["conversations"][0]["value"], "answer": a}
                                           for r, a in list(zip(records, answers, strict=True))[:3]]}
