@@ -23,6 +23,8 @@ from pathlib import Path
 
 from serving import ROOT, calibrate, write_requests
 
+from vispec_vllm.world.presets import PRESETS
+
 VARIANTS = ("reduced vocabulary", "full vocabulary")
 
 
@@ -50,7 +52,8 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", help="the world whose target and ViSpec draft are measured")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="the world whose target and ViSpec draft are measured")
     parser.add_argument("--target", type=Path, help="a target VLM directory instead of the world's")
     parser.add_argument("--draft", type=Path, help="with --target: a draft with a reduced vocabulary")
     parser.add_argument("--repeats", type=int, default=3)
@@ -65,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_vllm(verbose=False)
     if args.target is None:
         from vispec_vllm.world.build import DEFAULT_ROOT, build_world
-        from vispec_vllm.world.presets import PRESETS
 
-        if args.preset not in PRESETS:
-            parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
         world = build_world(PRESETS[args.preset], DEFAULT_ROOT, progress=True)
         args.target, args.draft = world.target, world.vispec_draft
     args.out.mkdir(parents=True, exist_ok=True)
