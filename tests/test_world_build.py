@@ -60,11 +60,17 @@ def test_drafts_have_equal_budget_and_the_right_structure(tiny_world):
     assert blind.num_q is None  # vision-blind: no adaptor
     assert torch.equal(vispec.d2t, blind.d2t)  # the same reduced vocabulary, chosen once in stage 1
     runs = world.paths.root / "runs"
-    steps = {}
-    for name in ("vispec", "eagle"):
-        records = [json.loads(line) for line in (runs / name / "train_log.jsonl").read_text().splitlines()]
-        steps[name] = records[-1]["step"]
-    assert steps["vispec"] == steps["eagle"] == PRESETS["tiny"].draft_stage2_steps
+    logs = {name: [json.loads(line) for line in (runs / name / "train_log.jsonl").read_text().splitlines()]
+            for name in ("stage1", "vispec", "eagle")}
+    preset = PRESETS["tiny"]
+    assert logs["vispec"][-1]["step"] == logs["eagle"][-1]["step"] == preset.draft_stage2_steps
+    # the same schedule for both continuations, at the stage-2 rate; stage 1 at its own
+    assert [r["lr"] for r in logs["vispec"]] == [r["lr"] for r in logs["eagle"]]
+    assert max(r["lr"] for r in logs["vispec"]) == pytest.approx(preset.draft_stage2_lr)
+    assert max(r["lr"] for r in logs["stage1"]) == pytest.approx(preset.draft_lr)
+    # stage 2 trains every position of the served chain: 1 + draft_mtp_steps passes; the blind draft one
+    assert len(logs["vispec"][-1]["acc_passes"]) == 1 + preset.draft_mtp_steps
+    assert len(logs["eagle"][-1]["acc_passes"]) == 1
 
 
 def test_the_target_reads_the_image_and_a_second_build_is_all_cached(tiny_world, tmp_path):

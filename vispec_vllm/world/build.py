@@ -244,10 +244,13 @@ def _generate_data(paths: WorldPaths, preset: WorldPreset, progress: bool) -> No
 
 def _train_config(preset: WorldPreset, paths: WorldPaths, stage: int, out: Path, init: Path | None, steps: int,
                   progress: bool):
+    """Stage 1 from scratch (init None) at `draft_lr`; a continuation of the stage-1 draft at `draft_stage2_lr`."""
     from vispec_vllm.train.config import TrainConfig
 
     return TrainConfig(stage=stage, target=paths.target, data=[paths.data], out=out, init=init,
-                       num_q=preset.num_q, lr=preset.draft_lr, max_steps=steps, warmup_steps=max(1, steps // 20),
+                       num_q=preset.num_q, lr=preset.draft_lr if init is None else preset.draft_stage2_lr,
+                       mtp_steps=preset.draft_mtp_steps if stage == 2 else 0, max_steps=steps,
+                       warmup_steps=max(1, steps // 20),
                        batch_size=preset.draft_batch, max_len=MAX_MODEL_LEN, seed=preset.seed, save_every=steps,
                        keep_checkpoints=1, precision="fp32", device="cpu", progress=progress,
                        draft_vocab_size=preset.draft_vocab_size if stage == 1 and init is None else None)
