@@ -2,6 +2,7 @@
 driven by vLLM's own serving client (`vllm bench serve`) with image requests, at several concurrencies.
 
     .venv/bin/python benchmarks/serving.py                      # the small world: concurrency 1,4,16,32 (~25 min)
+    .venv/bin/python benchmarks/serving.py --preset full        # the same on the full (0.5B) world
     .venv/bin/python benchmarks/serving.py --preset tiny --target T --vispec V --eagle E        # CI-sized
 
 1. Requests: scenes of the world's held-out-wording split (unseen images and unseen question phrasings), written
@@ -34,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vispec_vllm.speculative_config import DRAFT_SAMPLE_METHODS, eagle_config
@@ -54,11 +55,14 @@ class Preset:
     max_tokens: int
     calibration_steps: int
     calibration_prompts: int
+    world: str | None = None  # the world preset served when no --target is given
 
 
 PRESETS = {
     "small": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
-                    calibration_prompts=8),
+                    calibration_prompts=8, world="small"),
+    "full": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
+                   calibration_prompts=8, world="full"),
     "tiny": Preset(concurrencies=(1, 2), repeats=2, min_prompts=2, max_tokens=16, calibration_steps=8,
                    calibration_prompts=4),
 }
@@ -309,8 +313,9 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="sizes of the run (small: the README's figures; tiny: CI)")
-    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the small world's")
+                        help="sizes of the run and the world served (small, full: the README's figures; tiny: CI, "
+                             "needs --target)")
+    parser.add_argument("--target", type=Path, help="a target VLM directory instead of the preset's world")
     parser.add_argument("--vispec", type=Path, help="with --target: the ViSpec draft")
     parser.add_argument("--eagle", type=Path, help="with --target: the vision-blind (stage-1) EAGLE draft")
     parser.add_argument("--concurrency", type=int, nargs="+", help="override the preset's concurrencies")
@@ -326,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.target is not None and (args.vispec is None or args.eagle is None):
         parser.error("--target needs --vispec and --eagle")
+    if args.target is None and PRESETS[args.preset].world is None:
+        parser.error(f"--preset {args.preset} serves no world: give --target, --vispec and --eagle")
     return args
 
 
@@ -336,17 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_vllm(args.verbose)
     preset = PRESETS[args.preset]
     concurrencies = tuple(sorted(args.concurrency or preset.concurrencies))
-    preset = Preset(concurrencies, args.repeats or preset.repeats, preset.min_prompts, preset.max_tokens,
-                    preset.calibration_steps, preset.calibration_prompts)
+    preset = replace(preset, concurrencies=concurrencies, repeats=args.repeats or preset.repeats)
     if args.target is not None:
         models = Models(args.target.resolve(), args.eagle.resolve(), args.vispec.resolve(), f"target {args.target}")
     else:
         from vispec_vllm.world.build import DEFAULT_ROOT, build_world
         from vispec_vllm.world.presets import PRESETS as WORLDS
 
-        world = build_world(WORLDS["small"], DEFAULT_ROOT, progress=True)
+        world = build_world(WORLDS[preset.world], DEFAULT_ROOT, progress=True)
         models = Models(world.target, world.eagle_draft, world.vispec_draft,
-                        "small world (SmolLM2-135M-Instruct, Q4-derived, + a vision side trained here)")
+                        f"{world.preset.name} world ({world.lm_provenance.get('upstream', world.preset.lm)}, "
+                        "Q4-derived, + a vision side trained here)")
     args.out.mkdir(parents=True, exist_ok=True)
     from vispec_vllm.server_process import ServerError
 

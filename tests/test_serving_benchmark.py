@@ -51,6 +51,18 @@ def test_sampled_runs_pass_temperature_and_draft_sampling_and_compare_no_answers
     assert [r["identical"] for r in serving.summarise(points)] == [None, 8, 7]
 
 
+def test_world_presets_serve_their_world_and_tiny_needs_explicit_models():
+    from vispec_vllm.world.presets import PRESETS as WORLDS
+
+    serving = _serving_module()
+    assert {p.world for p in serving.PRESETS.values()} - {None} <= set(WORLDS)
+    assert serving.parse_args(["--preset", "full"]).preset == "full"
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--preset", "tiny"])  # no world of its own
+    args = serving.parse_args(["--preset", "tiny", "--target", "t", "--vispec", "v", "--eagle", "e"])
+    assert args.target == Path("t")
+
+
 def test_calibration_prompts_follow_the_requests_in_the_same_split(tmp_path):
     from vispec_vllm.world.splits import split_samples
 

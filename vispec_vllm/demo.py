@@ -88,7 +88,8 @@ def _run(args: argparse.Namespace, world, out, log_path: Path | None) -> int:
             shutdown(llm)
 
     target_run = runs["target alone"]
-    lines = [f"\nSmall world: {world.lm_provenance.get('upstream', 'SmolLM2-135M-Instruct')} (Q4-derived weights) "
+    lm_name = world.lm_provenance.get("upstream", world.preset.lm)
+    lines = [f"\n{world.preset.name.capitalize()} world: {lm_name} (Q4-derived weights) "
              "+ a vision side trained here on synthetic scenes (not a real VLM's figures)"]
     for index, (sample, scene) in enumerate(zip(samples, scenes, strict=True)):
         answer = textwrap.shorten(" ".join(target_run.texts[index].split()), 240, placeholder=" ...")
