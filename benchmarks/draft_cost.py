@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from serving import ROOT, calibrate, write_requests
+from serving import ROOT, Sampling, calibrate, write_requests
 
 from vispec_vllm.world.presets import PRESETS
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n[draft cost] repeat {repeat + 1}/{args.repeats}: {variant}", flush=True)
             out = args.out / f"calibration-{variant.split()[0]}-{repeat}.json"
             runs[variant].append(calibrate(args.target, drafts[variant], prompts, batch_sizes=batch_sizes,
-                                           steps=args.steps, max_tokens=64, k=3, out=out, profile=True,
-                                           terminal=sys.stdout))
+                                           steps=args.steps, max_tokens=64, k=3, sampling=Sampling(0.0, "greedy"),
+                                           out=out, profile=True, terminal=sys.stdout))
     rows = []
     for variant in VARIANTS:
         for index, batch_size in enumerate(batch_sizes):

@@ -13,7 +13,10 @@ driven by vLLM's own serving client (`vllm bench serve`) with image requests, at
    goes at every calibrated batch size (1 and 16 included). `--fixed-k` skips this and drafts K at every load.
 3. Three `vllm serve` processes, started once (float32, prefix caching off so every repeat is a cold
    request). For each repeat and each concurrency, the three arms run in turn, in an order rotated from point to
-   point, each with `vllm bench serve --backend openai-chat --dataset-name custom_image --max-concurrency C`
+   point. Where three servers do not fit in memory (`--preset full`, or --one-server-at-a-time), one arm is
+   served at a time: each repeat starts each arm's server in turn, in an order rotated from repeat to repeat, and
+   runs every concurrency on it. Each point runs
+   `vllm bench serve --backend openai-chat --dataset-name custom_image --max-concurrency C`
    (vLLM's benchmark module, in this process, with the same arguments; the exact command is in the log).
 4. Per point: output tokens/s, TTFT, TPOT, and AL (vLLM's mean acceptance length, bonus token included, from the
    server's counters, as `vllm bench serve` reports it). Speedup = the arm's output tokens/s / the target's in the
@@ -56,13 +59,18 @@ class Preset:
     calibration_steps: int
     calibration_prompts: int
     world: str | None = None  # the world preset served when no --target is given
+    kv_cache_gib: int = 2  # per server (VLLM_CPU_KVCACHE_SPACE overrides it)
+    # three float32 servers of the 0.5B target do not fit in 24 GiB (the third failed to start): serve one arm at
+    # a time, restarted for each repeat
+    one_server_at_a_time: bool = False
 
 
 PRESETS = {
     "small": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
                     calibration_prompts=8, world="small"),
+    # 1 GiB holds 32 full-length (1,024-token) rows of the 0.5B target
     "full": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
-                   calibration_prompts=8, world="full"),
+                   calibration_prompts=8, world="full", kv_cache_gib=1, one_server_at_a_time=True),
     "tiny": Preset(concurrencies=(1, 2), repeats=2, min_prompts=2, max_tokens=16, calibration_steps=8,
                    calibration_prompts=4),
 }
@@ -164,25 +172,27 @@ def serve_args(max_num_seqs: int, spec: dict | None) -> list[str]:
     return args if spec is None else args + ["--speculative-config", json.dumps(spec)]
 
 
-def start_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int, out: Path, terminal) -> dict:
+@contextlib.contextmanager
+def running_servers(target: Path, specs: dict[str, dict | None], max_num_seqs: int, kv_cache_gib: int, out: Path,
+                    terminal):
+    """One `vllm serve` per arm, healthy, stopped on exit: {arm: server}."""
     from vispec_vllm.server_process import launch_server
 
     # the servers inherit this environment, VLLM_LOGGING_LEVEL included (quiet unless --verbose)
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))}
     servers = {}
-    for arm, spec in specs.items():
-        args = serve_args(max_num_seqs, spec)
-        log = out / f"server-{arm.replace(' ', '_')}.log"
-        print(f"[serving] vllm serve {target} {' '.join(args)}  (log: {log})", file=terminal)
-        servers[arm] = launch_server(target, args, log, env=env)
     try:
+        for arm, spec in specs.items():
+            args = serve_args(max_num_seqs, spec)
+            log = out / f"server-{arm.replace(' ', '_')}.log"
+            print(f"[serving] vllm serve {target} {' '.join(args)}  (log: {log})", file=terminal)
+            servers[arm] = launch_server(target, args, log, env=env)
         for server in servers.values():
             server.wait_until_healthy(STARTUP_LIMIT_S)
-    except BaseException:
+        yield servers
+    finally:
         for server in servers.values():
             server.stop()
-        raise
-    return servers
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -321,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", help="override the preset's concurrencies")
     parser.add_argument("--repeats", type=int, help="override the preset's repeats (at least 3 for reported figures)")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="largest K (default 3)")
+    parser.add_argument("--one-server-at-a-time", action="store_true",
+                        help="serve one arm at a time (the preset's choice otherwise: full does, for memory)")
     parser.add_argument("--fixed-k", action="store_true", help="no calibration: both drafts draft K at every load")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="every request's temperature (default 0: greedy, answers compared with the target's)")
@@ -343,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_vllm(args.verbose)
     preset = PRESETS[args.preset]
     concurrencies = tuple(sorted(args.concurrency or preset.concurrencies))
-    preset = replace(preset, concurrencies=concurrencies, repeats=args.repeats or preset.repeats)
+    preset = replace(preset, concurrencies=concurrencies, repeats=args.repeats or preset.repeats,
+                     one_server_at_a_time=args.one_server_at_a_time or preset.one_server_at_a_time)
     if args.target is not None:
         models = Models(args.target.resolve(), args.eagle.resolve(), args.vispec.resolve(), f"target {args.target}")
     else:
@@ -389,38 +402,53 @@ def _benchmark(args: argparse.Namespace, preset: Preset, models: Models, termina
                                    steps=preset.calibration_steps, max_tokens=preset.max_tokens, k=k,
                                    sampling=sampling, out=out,
                                    profile=arm == "ViSpec", terminal=terminal)["speculative_config"]
-    servers = start_servers(models.target, specs, max(preset.concurrencies), args.out, terminal)
     points: list[Point] = []
+    texts: dict[tuple[int, int, str], list[str]] = {}  # (repeat, concurrency, arm) -> answers
     runs = args.out / "runs"
-    try:
-        with open(args.out / "bench_serve.log", "w") as log:
-            for arm, server in servers.items():  # warm-up: first-use costs of every kernel and image size
-                run_bench_serve(bench_serve_args(server.base_url, models.target, requests, 2, 2, 8, runs,
-                                                 f"warmup-{arm.replace(' ', '_')}.json"), log)
-            total = preset.repeats * len(preset.concurrencies) * len(ARMS)
-            with tqdm(total=total, desc="[serving] points", file=terminal, dynamic_ncols=True) as bar:
+    total = preset.repeats * len(preset.concurrencies) * len(ARMS)
+    with open(args.out / "bench_serve.log", "w") as log, \
+            tqdm(total=total, desc="[serving] points", file=terminal, dynamic_ncols=True) as bar:
+
+        def measure(arm: str, server, repeat: int, concurrency: int) -> None:
+            bar.set_postfix_str(f"repeat {repeat + 1}, concurrency {concurrency}, {arm}")
+            result = run_bench_serve(bench_serve_args(
+                server.base_url, models.target, requests, concurrency, max(preset.min_prompts, 2 * concurrency),
+                preset.max_tokens, runs, f"r{repeat}-c{concurrency}-{arm.replace(' ', '_')}.json",
+                args.temperature), log)
+            points.append(point_from(arm, concurrency, repeat, result))
+            texts[repeat, concurrency, arm] = result["generated_texts"]
+            bar.update()
+
+        def warm_up(arm: str, server) -> None:  # first-use costs of every kernel and image size
+            run_bench_serve(bench_serve_args(server.base_url, models.target, requests, 2, 2, 8, runs,
+                                             f"warmup-{arm.replace(' ', '_')}.json"), log)
+
+        def serving(arms: tuple[str, ...]):
+            return running_servers(models.target, {arm: specs[arm] for arm in arms}, max(preset.concurrencies),
+                                   preset.kv_cache_gib, args.out, terminal)
+
+        if preset.one_server_at_a_time:  # arms rotate from repeat to repeat; each serves every concurrency
+            for repeat in range(preset.repeats):
+                for arm in ARMS[repeat % 3:] + ARMS[:repeat % 3]:
+                    with serving((arm,)) as servers:
+                        warm_up(arm, servers[arm])
+                        for concurrency in preset.concurrencies:
+                            measure(arm, servers[arm], repeat, concurrency)
+        else:  # arms rotate from point to point
+            with serving(ARMS) as servers:
+                for arm, server in servers.items():
+                    warm_up(arm, server)
                 for repeat in range(preset.repeats):
                     for c_index, concurrency in enumerate(preset.concurrencies):
                         shift = repeat + c_index
-                        order = ARMS[shift % 3:] + ARMS[:shift % 3]
-                        prompts = max(preset.min_prompts, 2 * concurrency)
-                        texts = {}
-                        for arm in order:
-                            bar.set_postfix_str(f"repeat {repeat + 1}, concurrency {concurrency}, {arm}")
-                            name = f"r{repeat}-c{concurrency}-{arm.replace(' ', '_')}.json"
-                            result = run_bench_serve(bench_serve_args(
-                                servers[arm].base_url, models.target, requests, concurrency, prompts,
-                                preset.max_tokens, runs, name, args.temperature), log)
-                            points.append(point_from(arm, concurrency, repeat, result))
-                            texts[arm] = result["generated_texts"]
-                            bar.update()
-                        for point in points[-len(ARMS):]:
-                            if point.arm != ARMS[0] and sampling.greedy:  # sampled answers differ by design
-                                point.identical_to_target = sum(
-                                    a == b for a, b in zip(texts[point.arm], texts[ARMS[0]], strict=True))
-    finally:
-        for server in servers.values():
-            server.stop()
+                        for arm in ARMS[shift % 3:] + ARMS[:shift % 3]:
+                            measure(arm, servers[arm], repeat, concurrency)
+    if sampling.greedy:  # sampled answers differ by design
+        for point in points:
+            if point.arm != ARMS[0]:
+                point.identical_to_target = sum(a == b for a, b in zip(
+                    texts[point.repeat, point.concurrency, point.arm], texts[point.repeat, point.concurrency, ARMS[0]],
+                    strict=True))
 
     rows = summarise(points)
     date = datetime.date.today().isoformat()

@@ -76,12 +76,14 @@ def test_calibration_prompts_follow_the_requests_in_the_same_split(tmp_path):
     assert not {s.scene_seed for s in samples[:3]} & {s.scene_seed for s in samples[3:]}  # other images
 
 
-def test_serving_benchmark_tiny_preset_end_to_end(tiny_target, trained_draft, tmp_path):
+@pytest.mark.parametrize("servers", ["all at once", "one at a time"])
+def test_serving_benchmark_tiny_preset_end_to_end(tiny_target, trained_draft, tmp_path, servers):
     blind_draft = trained_draft.parents[1] / "stage1" / "draft"  # the same run's text-only stage-1 EAGLE draft
     out = tmp_path / "serving"
     command = [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--preset", "tiny",
                "--target", str(tiny_target("qwen2_5_vl")), "--vispec", str(trained_draft),
                "--eagle", str(blind_draft), "--out", str(out)]
+    command += ["--one-server-at-a-time"] if servers == "one at a time" else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + (out / "serving.log").read_text()[-3000:]
@@ -114,6 +116,7 @@ def test_serving_benchmark_tiny_preset_end_to_end(tiny_target, trained_draft, tm
     run = json.loads((out / "runs" / "r0-c2-ViSpec.json").read_text())  # vllm bench serve's own result file
     assert run["max_concurrency"] == 2 and run["completed"] == 4 and "spec_decode_acceptance_length" in run
     assert (out / "serving.png").stat().st_size > 10_000
+    assert report["preset"]["one_server_at_a_time"] == (servers == "one at a time")
     assert "where the time goes" in done.stdout  # the ViSpec calibration's step profile
     table = done.stdout[done.stdout.index("conc  arm"):]
     assert len([line for line in table.splitlines() if line.strip().startswith(("1 ", "2 "))]) == 6
