@@ -2,7 +2,7 @@
 driven by vLLM's own serving client (`vllm bench serve`) with image requests, at several concurrencies.
 
     .venv/bin/python benchmarks/serving.py                      # the small world: concurrency 1,4,16,32 (~25 min)
-    .venv/bin/python benchmarks/serving.py --preset full        # the same on the full (0.5B) world
+    .venv/bin/python benchmarks/serving.py --preset full        # the full (0.5B) world, 64-token answers (~50 min)
     .venv/bin/python benchmarks/serving.py --preset tiny --target T --vispec V --eagle E        # CI-sized
 
 1. Requests: scenes of the world's held-out-wording split (unseen images and unseen question phrasings), written
@@ -68,8 +68,8 @@ class Preset:
 PRESETS = {
     "small": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
                     calibration_prompts=8, world="small"),
-    # 1 GiB holds 32 full-length (1,024-token) rows of the 0.5B target
-    "full": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=128, calibration_steps=16,
+    # 1 GiB holds 32 full-length (1,024-token) rows of the 0.5B target; 64-token answers keep the run near 50 min
+    "full": Preset(concurrencies=(1, 4, 16, 32), repeats=3, min_prompts=8, max_tokens=64, calibration_steps=16,
                    calibration_prompts=8, world="full", kv_cache_gib=1, one_server_at_a_time=True),
     "tiny": Preset(concurrencies=(1, 2), repeats=2, min_prompts=2, max_tokens=16, calibration_steps=8,
                    calibration_prompts=4),
