@@ -41,7 +41,8 @@ class WorldPreset:
     draft_lr: float = 1e-3  # stage 1
     draft_stage2_lr: float = 1e-4  # stage 2 and the blind draft's continued stage 1
     # stage 2's extra self-fed passes: 2 trains every position of the K=3 chain the demo and benchmarks serve
-    # (the official code's default; its README uses 1, which left the third position untrained: acceptance 0.00)
+    # (the official code's default; its README uses 1, which with the stage-1 rate as well gave the full world's
+    # third position 0.00 acceptance; the two causes were not separated)
     draft_mtp_steps: int = 2
     num_q: int = 2
     seed: int = 0
