@@ -84,3 +84,30 @@ def test_the_target_reads_the_image_and_a_second_build_is_all_cached(tiny_world,
     cached = [line for line in log if line.endswith("cached")]
     assert len(cached) == 6, log  # every step but the LM check
     assert again.paths.manifest.exists()
+
+
+def test_a_build_with_other_settings_refuses_the_cached_steps(tiny_world):
+    world, lm, _ = tiny_world
+    changed = dataclasses.replace(world.preset, draft_stage2_steps=world.preset.draft_stage2_steps + 1)
+    before = world.paths.manifest.read_text()
+    with pytest.raises(SystemExit, match=r"draft_stage2_steps 6 -> 7.*--from-scratch"):
+        build_world(changed, world.paths.root.parent, lm_path=lm.gguf_path, progress=False, log=lambda _: None)
+    assert world.paths.manifest.read_text() == before  # nothing touched
+    assert (world.vispec_draft / "model.safetensors").exists()
+
+
+def test_from_scratch_clears_the_cached_steps_and_records_the_settings(tmp_path):
+    from vispec_vllm.world.build import WorldPaths, start_world
+
+    paths = WorldPaths(tmp_path / "tiny")
+    stale = paths.draft("vispec") / "model.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
+    paths.manifest.write_text(json.dumps({"preset": {"name": "tiny", "vision_steps": 1}}))
+    with pytest.raises(SystemExit, match="vision_steps 1 -> 4"):  # an older world: settings from its manifest
+        start_world(paths, PRESETS["tiny"], from_scratch=False)
+    assert stale.exists()
+    start_world(paths, PRESETS["tiny"], from_scratch=True)
+    assert not stale.exists() and not paths.manifest.exists()
+    assert json.loads(paths.preset.read_text()) == PRESETS["tiny"].to_json()
+    start_world(paths, PRESETS["tiny"], from_scratch=False)  # same settings: resumes

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--lm", type=Path, default=None,
                        help="a local GGUF file or HF LM directory instead of the preset's LM")
     build.add_argument("--from-scratch", action="store_true",
-                       help="train every part even where configs/worlds/<preset> has committed ones")
+                       help="remove this world's cached steps and train every part, even where configs/worlds/<preset> "
+                            "has committed ones (the fetched LM is kept)")
     build.add_argument("--verbose", action="store_true", help="vLLM's INFO logs")
     build.add_argument("--no-progress", action="store_true")
     export = commands.add_parser("export-prebuilt", help="copy a built world's trained parts to configs/worlds")

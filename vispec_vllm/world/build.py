@@ -3,8 +3,9 @@
     python -m vispec_vllm.world build --preset small
 
 Every step writes its outputs under `<root>/<preset>/` and is skipped when its outputs are already there, so
-an interrupted build continues where it stopped. `manifest.json` lists the command, per-step seconds and the
-sha256 of every artifact.
+an interrupted build continues where it stopped. `preset.json` records the settings the world is built with: a
+build with other settings refuses to reuse those outputs (`--from-scratch` clears them and starts over).
+`manifest.json` lists the command, per-step seconds and the sha256 of every artifact.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class WorldPaths:
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
+    @property
+    def preset(self) -> Path:
+        return self.root / "preset.json"
+
 
 @dataclass
 class World:
@@ -115,6 +120,29 @@ def artifact_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` (relative paths), manifest excluded."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "manifest.json" and ".tmp" not in p.name}
+
+
+def start_world(paths: WorldPaths, preset: WorldPreset, *, from_scratch: bool) -> None:
+    """Make `paths.root` ready for a build with `preset`: emptied first when `from_scratch`; otherwise its cached
+    outputs are kept only if they were made with the same settings (`preset.json`, or an older world's manifest)."""
+    import shutil
+
+    if from_scratch:
+        shutil.rmtree(paths.root, ignore_errors=True)
+    recorded = None
+    if paths.preset.exists():
+        recorded = json.loads(paths.preset.read_text())
+    elif paths.manifest.exists():
+        recorded = json.loads(paths.manifest.read_text()).get("preset")
+    wanted = preset.to_json()
+    if recorded is not None and recorded != wanted:
+        changed = ", ".join(f"{key} {recorded.get(key)!r} -> {wanted.get(key)!r}"
+                            for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key))
+        raise SystemExit(f"{paths.root} was built with other {preset.name!r} settings ({changed}); its cached "
+                         "steps would not match them. Build again with --from-scratch (removes that folder) or "
+                         "another --root.")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.preset.write_text(json.dumps(wanted, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -272,12 +300,13 @@ def _train_draft(paths: WorldPaths, name: str, config) -> None:
 def build_world(preset: WorldPreset, root: Path = DEFAULT_ROOT, *, lm_path: Path | None = None,
                 progress: bool = True, from_scratch: bool = False, log: Callable[[str], None] = print) -> World:
     """Build (or finish) the world; with committed trained parts for this preset (configs/worlds/<preset>, and
-    not `from_scratch`), the vision side, grounding report and drafts are taken from there instead of trained."""
+    not `from_scratch`), the vision side, grounding report and drafts are taken from there instead of trained.
+    `from_scratch` also removes this world's own cached steps first."""
     from vispec_vllm.world.prebuilt import Prebuilt
     from vispec_vllm.world.vision import caption_codebook
 
     paths = WorldPaths(Path(root) / preset.name)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    start_world(paths, preset, from_scratch=from_scratch)
     prebuilt = None if from_scratch or lm_path is not None else Prebuilt.find(PREBUILT_ROOT / preset.name, preset)
     steps = StepTimer(log)
     started = time.perf_counter()

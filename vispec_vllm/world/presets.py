@@ -52,7 +52,14 @@ class WorldPreset:
 
 
 PRESETS: dict[str, WorldPreset] = {
-    "small": WorldPreset(name="small", lm="smollm2-135m"),
+    "small": WorldPreset(
+        name="small",
+        lm="smollm2-135m",
+        # the build's largest step, generating the training answers, runs 1.8x faster in bfloat16 (answers +
+        # teacher-forced data 175 s vs 323 s) and keeps the build under 15 minutes. Fewer vision steps would
+        # too, but cost grounding: 1500 steps gave 81% of facts right on held-out images, 2500 give 85%.
+        answer_dtype="bfloat16",
+    ),
     "full": WorldPreset(
         name="full",
         lm="qwen2.5-coder-0.5b",
