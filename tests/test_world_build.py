@@ -90,7 +90,7 @@ def test_a_build_with_other_settings_refuses_the_cached_steps(tiny_world):
     world, lm, _ = tiny_world
     changed = dataclasses.replace(world.preset, draft_stage2_steps=world.preset.draft_stage2_steps + 1)
     before = world.paths.manifest.read_text()
-    with pytest.raises(SystemExit, match=r"draft_stage2_steps 6 -> 7.*--from-scratch"):
+    with pytest.raises(SystemExit, match=r"draft_stage2_steps 6 -> 7.*rm -r .*--from-scratch"):
         build_world(changed, world.paths.root.parent, lm_path=lm.gguf_path, progress=False, log=lambda _: None)
     assert world.paths.manifest.read_text() == before  # nothing touched
     assert (world.vispec_draft / "model.safetensors").exists()

@@ -138,9 +138,9 @@ def start_world(paths: WorldPaths, preset: WorldPreset, *, from_scratch: bool) -
     if recorded is not None and recorded != wanted:
         changed = ", ".join(f"{key} {recorded.get(key)!r} -> {wanted.get(key)!r}"
                             for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key))
-        raise SystemExit(f"{paths.root} was built with other {preset.name!r} settings ({changed}); its cached "
-                         "steps would not match them. Build again with --from-scratch (removes that folder) or "
-                         "another --root.")
+        raise SystemExit(f"{paths.root} was built with other {preset.name!r} settings ({changed}), so its cached "
+                         f"steps cannot be reused. Remove it (rm -r {paths.root}) and run again, or build with "
+                         "--from-scratch (removes it and trains every part).")
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.preset.write_text(json.dumps(wanted, indent=1) + "\n")
 
